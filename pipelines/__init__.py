@@ -1,0 +1,1 @@
+"""Kedro pipeline definitions (importable as ``imsvd_pipelines``): thin wiring only."""

@@ -1,0 +1,288 @@
+"""Typed, frozen parameter objects, parsed and checked at each node boundary.
+
+Kedro hands nodes plain dictionaries; each pipeline turns its section into one of these
+dataclasses before any work, so a typo, an unknown key, a wrong type or an out-of-range
+value stops the run with a message that names the parameter (``pretrain.bin_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from imsvd.errors import ConfigError
+
+T = TypeVar("T")
+
+BACKBONES = ("resnet18_cifar", "resnet18", "resnet50")
+METHODS = ("imsvd", "barlow_twins", "vicreg", "simclr")
+OPTIMIZERS = ("sgd", "lars")
+SOURCES = ("digits", "fashion_mnist", "image_folder")
+
+
+def parse(cls: type[T], values: Mapping[str, Any] | None, prefix: str) -> T:
+    """Build the dataclass ``cls`` from ``values``, checking names and types.
+
+    Args:
+        cls: a frozen dataclass whose fields have simple annotations (int, float, str,
+            bool, ``X | None``, ``tuple[X, ...]``).
+        values: the parameter mapping (missing keys take the field defaults).
+        prefix: the dotted name of the section, used in messages (``"pretrain"``).
+
+    Raises:
+        ConfigError: on an unknown key (with the closest known names), a wrong type,
+            or whatever ``cls.__post_init__`` rejects.
+    """
+    values = dict(values or {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        import difflib
+
+        hints_txt = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hints_txt.append(f"{prefix}.{key}" + (f" (did you mean {prefix}.{close[0]}?)" if close else ""))
+        raise ConfigError(
+            f"unknown parameter(s): {', '.join(hints_txt)}; known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(values[name], hints[name], f"{prefix}.{name}") for name in values}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for option in inner:
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item = args[0]
+        return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported parameter type {hint}")  # pragma: no cover
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name} {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data.*``: where the images come from."""
+
+    source: str = "digits"
+    path: str | None = None
+    test_size: float = 0.25
+    seed: int = 0
+    max_image_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        _check(self.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {self.source!r}")
+        _check(0.0 < self.test_size < 1.0, "data.test_size", f"must be in (0, 1), got {self.test_size}")
+        _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
+        if self.source != "digits":
+            _check(bool(self.path), "data.path", f"is required for data.source={self.source}")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """``validate.*``: thresholds of the Great Expectations suite."""
+
+    min_train_images: int = 10
+    min_test_images: int = 1
+    max_images: int = 5_000_000
+    min_side: int = 4
+    max_side: int = 4096
+    allowed_channels: tuple[int, ...] = (1, 3)
+    min_per_class: int = 2
+    max_duplicate_share: float = 0.05
+    min_pixel_std: float = 1.0
+    report_examples: int = 5
+    data_docs_dir: str = "data/08_reporting/data_docs"
+
+    def __post_init__(self) -> None:
+        _check(self.min_train_images >= 1, "validate.min_train_images", "must be at least 1")
+        _check(self.min_side >= 1, "validate.min_side", "must be at least 1")
+        _check(self.max_side >= self.min_side, "validate.max_side", "must be >= validate.min_side")
+        _check(0.0 <= self.max_duplicate_share <= 1.0, "validate.max_duplicate_share", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """``augment.*``: the multiview augmentation recipe and its cache (reference CIFAR recipe)."""
+
+    views: int = 8
+    size: int = 16
+    scale_min: float = 0.2
+    scale_max: float = 1.0
+    hflip_p: float = 0.5
+    jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    seed: int = 0
+    workers: int | None = None
+    cache_dir: str = "data/05_model_input/view_cache"
+
+    def __post_init__(self) -> None:
+        _check(self.views >= 2, "augment.views", f"must be at least 2, got {self.views}")
+        _check(self.size >= 4, "augment.size", f"must be at least 4, got {self.size}")
+        _check(0 < self.scale_min <= self.scale_max <= 1, "augment.scale_min", "must satisfy 0 < scale_min <= scale_max <= 1")
+        _check(len(self.jitter) == 4, "augment.jitter", "must be [brightness, contrast, saturation, hue]")
+        for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"augment.{name}", "must be a probability in [0, 1]")
+        _check(self.workers is None or self.workers >= 1, "augment.workers", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """``pretrain.*``: the self-supervised method, encoder and optimisation."""
+
+    method: str = "imsvd"
+    backbone: str = "resnet18_cifar"
+    width: float = 0.25
+    projector: str = "1024-1024-1024"
+    bin_size: int = 32
+    temperature: float = 1.0
+    diagonal_coeff: float = 1.0
+    off_block_coeff: float = 1.0
+    invariance_coeff: float = 1.0
+    epochs: int = 20
+    batch_size: int = 256
+    base_lr: float = 0.1
+    min_lr_ratio: float = 0.001
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    optimizer: str = "sgd"
+    resume: bool = True
+    seed: int = 0
+    use_cache: bool = True
+    device_flip: bool = True
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    num_workers: int = 0
+    log_every_n_steps: int = 5
+    max_steps_per_epoch: int | None = None
+    checkpoint_dir: str = "data/06_models/checkpoints"
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "pretrain.method", f"must be one of {METHODS}, got {self.method!r}")
+        _check(self.backbone in BACKBONES, "pretrain.backbone", f"must be one of {BACKBONES}, got {self.backbone!r}")
+        _check(self.width > 0, "pretrain.width", f"must be positive, got {self.width}")
+        dims = self.projector_dims
+        _check(self.bin_size >= 2, "pretrain.bin_size", f"must be at least 2, got {self.bin_size}")
+        if self.method == "imsvd":
+            _check(
+                dims[-1] % self.bin_size == 0,
+                "pretrain.bin_size",
+                f"({self.bin_size}) must divide the projector output size {dims[-1]} (pretrain.projector)",
+            )
+            _check(dims[-1] // self.bin_size >= 2, "pretrain.bin_size", "must leave at least two blocks")
+        _check(self.temperature > 0, "pretrain.temperature", f"must be positive, got {self.temperature}")
+        _check(self.epochs >= 1, "pretrain.epochs", f"must be at least 1, got {self.epochs}")
+        _check(self.batch_size >= 2, "pretrain.batch_size", f"must be at least 2, got {self.batch_size}")
+        _check(self.base_lr > 0, "pretrain.base_lr", f"must be positive, got {self.base_lr}")
+        _check(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
+        _check(self.warmup_epochs >= 0, "pretrain.warmup_epochs", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "pretrain.min_lr_ratio", "must be in [0, 1]")
+        _check(self.optimizer in OPTIMIZERS, "pretrain.optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.num_workers >= 0, "pretrain.num_workers", "must be >= 0")
+        _check(self.log_every_n_steps >= 1, "pretrain.log_every_n_steps", "must be >= 1")
+        _check(
+            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            "pretrain.max_steps_per_epoch",
+            "must be >= 1 or null",
+        )
+
+    @property
+    def projector_dims(self) -> tuple[int, ...]:
+        """The projector spec as integers (``"1024-1024-1024"`` -> ``(1024, 1024, 1024)``)."""
+        try:
+            dims = tuple(int(d) for d in self.projector.split("-"))
+        except ValueError:
+            raise ConfigError(
+                f"pretrain.projector must look like '1024-1024-1024', got {self.projector!r}"
+            ) from None
+        if not dims or any(d < 1 for d in dims):
+            raise ConfigError(f"pretrain.projector sizes must be positive, got {self.projector!r}")
+        return dims
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: ``base_lr * batch_size / 256`` (the reference's linear scaling)."""
+        return self.base_lr * self.batch_size / 256
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Parameters a checkpoint must share to be resumed (the number of epochs aside)."""
+        skip = {"epochs", "resume", "checkpoint_dir", "accelerator", "devices", "num_nodes", "strategy", "num_workers", "log_every_n_steps"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``evaluate.*``: downstream protocols and pictures."""
+
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_k_lightly: int = 200
+    knn_temperature_lightly: float = 0.1
+    linear_epochs: int = 200
+    linear_lr: float = 0.1
+    linear_weight_decay: float = 1e-4
+    batch_size: int = 256
+    matrix_blocks: int = 4
+    attribution_units: int = 6
+    attribution_images: int = 8
+    collapse_rank_ratio: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.knn_k >= 1, "evaluate.knn_k", "must be at least 1")
+        _check(self.knn_temperature > 0, "evaluate.knn_temperature", "must be positive")
+        _check(self.linear_epochs >= 1, "evaluate.linear_epochs", "must be at least 1")
+        _check(self.matrix_blocks >= 1, "evaluate.matrix_blocks", "must be at least 1")
+
+

@@ -1,0 +1,123 @@
+"""Kedro datasets that write atomically and load nothing executable.
+
+Why not kedro-datasets' own: its CSV/JSON/Matplotlib datasets write in place through
+fsspec, so a killed run can leave a truncated file; it has no NumPy ``.npz`` dataset
+that refuses pickles, and its torch support loads full pickles. These few classes wrap
+the same formats with :mod:`imsvd.io`'s write-then-rename.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from kedro.io import AbstractDataset, DatasetError
+
+from imsvd.data import ImageData
+from imsvd.io import atomic_open, atomic_write_bytes
+
+
+class _FileDataset(AbstractDataset):
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _missing(self) -> DatasetError:
+        return DatasetError(
+            f"{self._filepath} does not exist: run the pipeline that writes it first"
+        )
+
+
+class ImageArraysDataset(_FileDataset):
+    """:class:`imsvd.data.ImageData` as an uncompressed ``.npz`` (no pickles allowed)."""
+
+    def load(self) -> ImageData:
+        if not self._exists():
+            raise self._missing()
+        with np.load(self._filepath, allow_pickle=False) as arrays:
+            return ImageData.from_arrays({k: arrays[k] for k in arrays.files})
+
+    def save(self, data: ImageData) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **data.to_arrays())
+        atomic_write_bytes(self._filepath, buffer.getvalue())
+
+
+class AtomicCSVDataset(_FileDataset):
+    """A pandas table as CSV."""
+
+    def load(self) -> pd.DataFrame:
+        if not self._exists():
+            raise self._missing()
+        return pd.read_csv(self._filepath)
+
+    def save(self, data: pd.DataFrame) -> None:
+        with atomic_open(self._filepath, "w") as handle:
+            data.to_csv(handle, index=False)
+
+
+class AtomicJSONDataset(_FileDataset):
+    """A JSON document (dict or list), indented for people and for ``dvc metrics``."""
+
+    def load(self) -> Any:
+        if not self._exists():
+            raise self._missing()
+        return json.loads(self._filepath.read_text())
+
+    def save(self, data: Any) -> None:
+        with atomic_open(self._filepath, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True, default=_json_default)
+            handle.write("\n")
+
+
+class AtomicPNGDataset(_FileDataset):
+    """A Matplotlib figure saved as PNG (the figure is closed after saving)."""
+
+    def load(self) -> bytes:
+        if not self._exists():
+            raise self._missing()
+        return self._filepath.read_bytes()
+
+    def save(self, data: Any) -> None:
+        import matplotlib.pyplot as plt
+
+        buffer = io.BytesIO()
+        data.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        plt.close(data)
+        atomic_write_bytes(self._filepath, buffer.getvalue())
+
+
+class TorchWeightsDataset(_FileDataset):
+    """A dict of tensors (plus plain metadata) loaded with ``weights_only=True``."""
+
+    def load(self) -> dict[str, Any]:
+        from imsvd.checkpoints import load_weights
+
+        if not self._exists():
+            raise self._missing()
+        return load_weights(self._filepath)
+
+    def save(self, data: dict[str, Any]) -> None:
+        from imsvd.checkpoints import save_weights
+
+        save_weights(self._filepath, data)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
