@@ -50,9 +50,7 @@ def parse(cls: type[T], values: Mapping[str, Any] | None, prefix: str) -> T:
         for key in unknown:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hints_txt.append(f"{prefix}.{key}" + (f" (did you mean {prefix}.{close[0]}?)" if close else ""))
-        raise ConfigError(
-            f"unknown parameter(s): {', '.join(hints_txt)}; known: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"unknown parameter(s): {', '.join(hints_txt)}; known: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(values[name], hints[name], f"{prefix}.{name}") for name in values}
     try:
         return cls(**kwargs)
@@ -167,7 +165,11 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         _check(self.views >= 2, "augment.views", f"must be at least 2, got {self.views}")
         _check(self.size >= 4, "augment.size", f"must be at least 4, got {self.size}")
-        _check(0 < self.scale_min <= self.scale_max <= 1, "augment.scale_min", "must satisfy 0 < scale_min <= scale_max <= 1")
+        _check(
+            0 < self.scale_min <= self.scale_max <= 1,
+            "augment.scale_min",
+            "must satisfy 0 < scale_min <= scale_max <= 1",
+        )
         _check(len(self.jitter) == 4, "augment.jitter", "must be [brightness, contrast, saturation, hue]")
         for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"augment.{name}", "must be a probability in [0, 1]")
@@ -210,7 +212,11 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "pretrain.method", f"must be one of {METHODS}, got {self.method!r}")
-        _check(self.backbone in BACKBONES, "pretrain.backbone", f"must be one of {BACKBONES}, got {self.backbone!r}")
+        _check(
+            self.backbone in BACKBONES,
+            "pretrain.backbone",
+            f"must be one of {BACKBONES}, got {self.backbone!r}",
+        )
         _check(self.width > 0, "pretrain.width", f"must be positive, got {self.width}")
         dims = self.projector_dims
         _check(self.bin_size >= 2, "pretrain.bin_size", f"must be at least 2, got {self.bin_size}")
@@ -228,7 +234,11 @@ class PretrainConfig:
         _check(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
         _check(self.warmup_epochs >= 0, "pretrain.warmup_epochs", "must be >= 0")
         _check(0 <= self.min_lr_ratio <= 1, "pretrain.min_lr_ratio", "must be in [0, 1]")
-        _check(self.optimizer in OPTIMIZERS, "pretrain.optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(
+            self.optimizer in OPTIMIZERS,
+            "pretrain.optimizer",
+            f"must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+        )
         _check(self.num_workers >= 0, "pretrain.num_workers", "must be >= 0")
         _check(self.log_every_n_steps >= 1, "pretrain.log_every_n_steps", "must be >= 1")
         _check(
@@ -257,7 +267,17 @@ class PretrainConfig:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Parameters a checkpoint must share to be resumed (the number of epochs aside)."""
-        skip = {"epochs", "resume", "checkpoint_dir", "accelerator", "devices", "num_nodes", "strategy", "num_workers", "log_every_n_steps"}
+        skip = {
+            "epochs",
+            "resume",
+            "checkpoint_dir",
+            "accelerator",
+            "devices",
+            "num_nodes",
+            "strategy",
+            "num_workers",
+            "log_every_n_steps",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -284,5 +304,3 @@ class EvaluateConfig:
         _check(self.knn_temperature > 0, "evaluate.knn_temperature", "must be positive")
         _check(self.linear_epochs >= 1, "evaluate.linear_epochs", "must be at least 1")
         _check(self.matrix_blocks >= 1, "evaluate.matrix_blocks", "must be at least 1")
-
-

@@ -33,9 +33,7 @@ class _FileDataset(AbstractDataset):
         return self._filepath.is_file()
 
     def _missing(self) -> DatasetError:
-        return DatasetError(
-            f"{self._filepath} does not exist: run the pipeline that writes it first"
-        )
+        return DatasetError(f"{self._filepath} does not exist: run the pipeline that writes it first")
 
 
 class ImageArraysDataset(_FileDataset):
@@ -67,10 +65,22 @@ class AtomicCSVDataset(_FileDataset):
 
 
 class AtomicJSONDataset(_FileDataset):
-    """A JSON document (dict or list), indented for people and for ``dvc metrics``."""
+    """A JSON document (dict or list), indented for people and for ``dvc metrics``.
+
+    Args:
+        filepath: where the file lives.
+        optional: load ``None`` instead of failing when the file does not exist (an
+            input that a pipeline can do without, such as the view-cache manifest).
+    """
+
+    def __init__(self, filepath: str, optional: bool = False, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(filepath, metadata)
+        self._optional = optional
 
     def load(self) -> Any:
         if not self._exists():
+            if self._optional:
+                return None
             raise self._missing()
         return json.loads(self._filepath.read_text())
 
@@ -81,7 +91,7 @@ class AtomicJSONDataset(_FileDataset):
 
 
 class AtomicPNGDataset(_FileDataset):
-    """A Matplotlib figure saved as PNG (the figure is closed after saving)."""
+    """A Matplotlib figure saved as PNG."""
 
     def load(self) -> bytes:
         if not self._exists():
@@ -89,11 +99,8 @@ class AtomicPNGDataset(_FileDataset):
         return self._filepath.read_bytes()
 
     def save(self, data: Any) -> None:
-        import matplotlib.pyplot as plt
-
         buffer = io.BytesIO()
         data.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        plt.close(data)
         atomic_write_bytes(self._filepath, buffer.getvalue())
 
 

@@ -1,0 +1,45 @@
+"""Evaluation nodes: frozen features, metrics, pictures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from imsvd import evaluate
+from imsvd.config import EvaluateConfig, parse
+from imsvd.data import ImageData
+from imsvd.errors import DataError
+from imsvd.evaluate import Embeddings
+
+
+def embed_images(
+    validated_images: ImageData, encoder: dict[str, Any], evaluate_params: dict[str, Any]
+) -> Embeddings:
+    """Frozen features of train and test images (trained and random encoder)."""
+    cfg = parse(EvaluateConfig, evaluate_params, "evaluate")
+    if not isinstance(validated_images, ImageData):
+        raise DataError(f"evaluate: expected validated images, got {type(validated_images).__name__}")
+    if not isinstance(encoder, dict) or "state_dict" not in encoder:
+        raise DataError("evaluate: the encoder file holds no 'state_dict': run the pretrain pipeline first")
+    channels = encoder.get("in_channels")
+    if channels and validated_images.images.shape[-1] != channels:
+        raise DataError(
+            f"evaluate: the encoder expects {channels}-channel images, the data has "
+            f"{validated_images.images.shape[-1]}: rerun pretrain on this data"
+        )
+    return evaluate.embed(validated_images, encoder, cfg)
+
+
+def compute_metrics(
+    validated_images: ImageData, embeddings: Embeddings, evaluate_params: dict[str, Any]
+) -> dict[str, Any]:
+    """kNN, linear probe, redundancy and discrete-code metrics as flat keys."""
+    return evaluate.metrics(validated_images, embeddings, parse(EvaluateConfig, evaluate_params, "evaluate"))
+
+
+def draw_pictures(
+    validated_images: ImageData, embeddings: Embeddings, evaluate_params: dict[str, Any]
+) -> tuple[Figure, Figure, Figure, Figure]:
+    """Joint matrix, variable attribution, bin occupancy, embedding map."""
+    return evaluate.pictures(validated_images, embeddings, parse(EvaluateConfig, evaluate_params, "evaluate"))

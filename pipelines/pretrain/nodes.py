@@ -1,0 +1,65 @@
+"""Pretraining node: typed parameters in, trained encoder and its history out."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from imsvd.augment import channel_stats, pair_dataset
+from imsvd.config import AugmentConfig, PretrainConfig, parse
+from imsvd.data import TRAIN, ImageData
+from imsvd.errors import DataError
+from imsvd.plots import loss_curve_figure
+from imsvd.tracking import lightning_logger
+from imsvd.training import RunIdentity, encoder_payload, pretrain
+
+log = logging.getLogger(__name__)
+
+
+def check_images(images: Any, stage: str) -> ImageData:
+    """Refuse input that is not validated image data (no stage trusts its input blindly)."""
+    if not isinstance(images, ImageData):
+        raise DataError(f"{stage}: expected validated images (ImageData), got {type(images).__name__}")
+    if images.images.shape[-1] not in (1, 3):
+        raise DataError(f"{stage}: images must have 1 or 3 channels, got shape {images.images.shape}")
+    if int((images.splits == TRAIN).sum()) < 2:
+        raise DataError(f"{stage}: at least 2 training images are needed")
+    return images
+
+
+def pretrain_encoder(
+    validated_images: ImageData,
+    view_cache_manifest: dict[str, Any] | None,
+    pretrain_params: dict[str, Any],
+    augment_params: dict[str, Any],
+) -> tuple[dict[str, Any], pd.DataFrame, Figure]:
+    """Train the encoder with ``pretrain.method`` on pairs of augmented training views.
+
+    Views come from the augment pipeline's cache when it exists and its checksum,
+    parameters and data fingerprint match (``view_cache_manifest`` is ``None`` when the
+    augment pipeline has not run), otherwise from on-the-fly augmentation.
+
+    Returns:
+        The encoder (plain tensors and metadata), the per-step history and the loss-curve figure.
+    """
+    cfg = parse(PretrainConfig, pretrain_params, "pretrain")
+    augment = parse(AugmentConfig, augment_params, "augment")
+    data = check_images(validated_images, "pretrain")
+    train = data.split(TRAIN).images
+    fingerprint = data.fingerprint
+    use_cache = cfg.use_cache and view_cache_manifest is not None
+    dataset, source = pair_dataset(train, fingerprint, augment, use_cache=use_cache, seed=cfg.seed)
+    mean, std = channel_stats(train)
+    identity = RunIdentity.of(cfg, augment_params, fingerprint)
+    result = pretrain(dataset, source, train.shape[-1], mean, std, cfg, identity, logger=lightning_logger())
+    if result.resumed_from_epoch is not None:
+        log.info("resumed from epoch %d", result.resumed_from_epoch)
+    payload = encoder_payload(
+        result,
+        image_size=augment.size,
+        extra={"data_fingerprint": fingerprint, "view_source": source, "train_seconds": result.seconds},
+    )
+    return payload, result.history, loss_curve_figure(result.history)

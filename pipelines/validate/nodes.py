@@ -1,0 +1,62 @@
+"""Nodes of the `validate` pipeline: read the configured source, validate it, accept it.
+
+Two nodes so that a failed validation still persists its report (node 1's output)
+while the validated images and manifest (node 2's outputs) keep their previous version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from imsvd.config import DataConfig, ValidateConfig, parse
+from imsvd.data import ImageData
+from imsvd.errors import ValidationFailed
+from imsvd.sources import load_source
+from imsvd.validation import check_images
+
+
+def load_and_check(
+    data_params: dict[str, Any], validate_params: dict[str, Any]
+) -> tuple[ImageData, pd.DataFrame, dict[str, Any]]:
+    """Read the images of ``data.source`` and run the validation suite on their manifest.
+
+    Args:
+        data_params: the ``data`` parameters (parsed into :class:`DataConfig`).
+        validate_params: the ``validate`` parameters (parsed into :class:`ValidateConfig`).
+
+    Returns:
+        The candidate images, their manifest, and the validation report (JSON-able).
+
+    Raises:
+        ConfigError: on a bad parameter.
+        DataError: when the source cannot be read.
+    """
+    data_config = parse(DataConfig, data_params, "data")
+    validate_config = parse(ValidateConfig, validate_params, "validate")
+    source = load_source(data_config)
+    manifest, report = check_images(source.data, source.originals, validate_config)
+    report["source"] = data_config.source
+    return source.data, manifest, report
+
+
+def accept_validated(
+    candidate_images: ImageData, candidate_manifest: pd.DataFrame, validation_report: dict[str, Any]
+) -> tuple[ImageData, pd.DataFrame]:
+    """Pass the candidates on when the report says the validation succeeded.
+
+    Args:
+        candidate_images: images from :func:`load_and_check`.
+        candidate_manifest: their manifest.
+        validation_report: the report of :func:`load_and_check`.
+
+    Returns:
+        The validated images and manifest, unchanged.
+
+    Raises:
+        ValidationFailed: naming each failed expectation, when the report failed.
+    """
+    if not validation_report.get("success"):
+        raise ValidationFailed(validation_report.get("message") or "image validation failed")
+    return candidate_images, candidate_manifest

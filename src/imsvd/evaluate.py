@@ -1,0 +1,228 @@
+"""The evaluation protocol: frozen features in, a flat metrics dict and pictures out.
+
+Composes :mod:`imsvd.evaluation` (metrics) and :mod:`imsvd.plots` (pictures) over the
+encoder from pretraining, with raw pixels and a randomly initialised encoder of the
+same architecture as baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from imsvd.config import EvaluateConfig
+from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
+from imsvd.evaluation import (
+    bin_usage,
+    code_bits,
+    code_knn_accuracy,
+    collapse_report,
+    discrete_code,
+    effective_rank,
+    knn_accuracy,
+    linear_probe,
+    mean_abs_off_diagonal_correlation,
+    off_block_mutual_information,
+)
+from imsvd.inference import Features, extract_features, images_per_second
+from imsvd.losses import joint_distribution, soft_discretize
+from imsvd.models import build_encoder
+from imsvd.plots import attribution_figure, bin_occupancy_figure, embedding_map_figure, joint_matrix_figure
+from imsvd.training import load_encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Frozen features of the train and test splits, for the trained and a random encoder."""
+
+    train: Features
+    test: Features
+    random_train: Features
+    random_test: Features
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    images_per_second: float
+    method: str
+    bin_size: int
+    temperature: float
+
+
+def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig) -> Embeddings:
+    """Features of both splits from the trained encoder and a seeded random one."""
+    encoder, payload = load_encoder(encoder_payload)
+    size, mean, std = payload["image_size"], payload["mean"], payload["std"]
+    pre = payload["config"]
+    torch.manual_seed(cfg.seed)
+    dims = tuple(int(d) for d in str(pre["projector"]).split("-"))
+    random_encoder = build_encoder(pre["backbone"], pre["width"], dims, payload["in_channels"])
+    train, test = data.split(TRAIN), data.split(TEST)
+
+    def features(model: torch.nn.Module, split: ImageData) -> Features:
+        return extract_features(model, split.images, size, mean, std, cfg.batch_size)
+
+    log.info("extracting features of %d train and %d test images", len(train.images), len(test.images))
+    return Embeddings(
+        train=features(encoder, train),
+        test=features(encoder, test),
+        random_train=features(random_encoder, train),
+        random_test=features(random_encoder, test),
+        train_labels=train.labels,
+        test_labels=test.labels,
+        images_per_second=images_per_second(encoder, payload["in_channels"], size),
+        method=pre["method"],
+        bin_size=int(pre["bin_size"]),
+        temperature=float(pre["temperature"]),
+    )
+
+
+def _percent(accuracies: dict[int, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}_top{k}": 100.0 * v for k, v in accuracies.items()}
+
+
+def _protocols(
+    train: np.ndarray,
+    train_y: np.ndarray,
+    test: np.ndarray,
+    test_y: np.ndarray,
+    cfg: EvaluateConfig,
+    suffix: str = "",
+) -> dict[str, float]:
+    knn = knn_accuracy(train, train_y, test, test_y, k=cfg.knn_k, temperature=cfg.knn_temperature)
+    knn_l = knn_accuracy(
+        train, train_y, test, test_y, k=cfg.knn_k_lightly, temperature=cfg.knn_temperature_lightly
+    )
+    linear = linear_probe(
+        train,
+        train_y,
+        test,
+        test_y,
+        epochs=cfg.linear_epochs,
+        lr=cfg.linear_lr,
+        weight_decay=cfg.linear_weight_decay,
+        seed=cfg.seed,
+    )
+    out = {**_percent(knn, "knn"), **_percent(knn_l, f"knn{cfg.knn_k_lightly}"), **_percent(linear, "linear")}
+    return {f"{k}{suffix}": v for k, v in out.items()}
+
+
+def metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Every evaluation figure as flat keys (``knn_top1``, ``effective_rank`` ...).
+
+    Accuracies are percentages. An unlabelled test split is reported (``labelled``: 0
+    and ``note``) instead of failing: the label-free metrics are still computed.
+    """
+    z = emb.test.projector
+    out: dict[str, Any] = {
+        "images_train": len(emb.train_labels),
+        "images_test": len(emb.test_labels),
+        "feature_dim": int(emb.train.backbone.shape[1]),
+        "embedding_dim": int(z.shape[1]),
+        "bytes_per_embedding": int(emb.train.backbone.shape[1] * 4),
+        "inference_images_per_second": float(emb.images_per_second),
+        "mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(z),
+        "effective_rank": effective_rank(z),
+    }
+    out["effective_rank_ratio"] = out["effective_rank"] / z.shape[1]
+    usage = None
+    if emb.method == "imsvd":
+        codes = soft_discretize(torch.from_numpy(z), emb.bin_size, emb.temperature)
+        usage = bin_usage(codes)
+        flat = codes.reshape(len(z), -1)
+        out.update(
+            bin_entropy=usage["normalized_entropy"],
+            dead_bin_share=usage["dead_share"],
+            one_bin_block_share=usage["collapsed_block_share"],
+            off_block_mutual_information=off_block_mutual_information(
+                joint_distribution(flat, flat).numpy(), emb.bin_size, seed=cfg.seed
+            ),
+            code_bits=code_bits(z.shape[1] // emb.bin_size, emb.bin_size),
+        )
+    collapse = collapse_report(out["effective_rank"], z.shape[1], usage, cfg.collapse_rank_ratio)
+    out["collapsed"] = bool(collapse["collapsed"])
+    if collapse["collapsed"]:
+        log.warning("representation collapse: %s", collapse["reason"])
+        out["collapse_reason"] = str(collapse["reason"])
+
+    labelled = (
+        bool(len(emb.test_labels))
+        and bool((emb.test_labels != UNLABELLED).all())
+        and bool((emb.train_labels != UNLABELLED).all())
+    )
+    out["labelled"] = int(labelled)
+    if not labelled:
+        out["note"] = (
+            "kNN and linear probe skipped: the train and test splits must both be labelled "
+            "(image_folder: put images in train/<class>/ and test/<class>/)"
+        )
+        log.warning(out["note"])
+        return out
+
+    ty, vy = emb.train_labels, emb.test_labels
+    out.update(_protocols(emb.train.backbone, ty, emb.test.backbone, vy, cfg))
+    out["knn_top1_projector"] = (
+        100.0
+        * knn_accuracy(
+            emb.train.projector,
+            ty,
+            emb.test.projector,
+            vy,
+            k=cfg.knn_k,
+            temperature=cfg.knn_temperature,
+            ks=(1,),
+        )[1]
+    )
+    raw_train = data.split(TRAIN).images.reshape(len(ty), -1).astype(np.float32) / 255.0
+    raw_test = data.split(TEST).images.reshape(len(vy), -1).astype(np.float32) / 255.0
+    out.update(_protocols(raw_train, ty, raw_test, vy, cfg, "_raw_pixels"))
+    out.update(
+        _protocols(emb.random_train.backbone, ty, emb.random_test.backbone, vy, cfg, "_random_encoder")
+    )
+    if emb.method == "imsvd":
+        out["code_knn_top1"] = 100.0 * code_knn_accuracy(
+            discrete_code(emb.train.projector, emb.bin_size),
+            ty,
+            discrete_code(emb.test.projector, emb.bin_size),
+            vy,
+            emb.bin_size,
+            k=cfg.knn_k,
+            temperature=cfg.knn_temperature,
+        )
+    return {
+        k: (float(v) if isinstance(v, (float, np.floating)) and math.isfinite(v) else v)
+        for k, v in out.items()
+    }
+
+
+def pictures(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> tuple[Figure, Figure, Figure, Figure]:
+    """Joint matrix, per-variable attribution, bin occupancy and the 2-D embedding map."""
+    test = data.split(TEST)
+    z = torch.from_numpy(emb.test.projector)
+    bin_size = emb.bin_size if emb.method == "imsvd" else _display_bin(z.shape[1])
+    codes = soft_discretize(z, bin_size, emb.temperature)
+    flat = codes.reshape(len(z), -1)
+    joint = joint_distribution(flat, flat).numpy()
+    labelled = bool(len(test.labels)) and bool((test.labels != UNLABELLED).all())
+    labels = test.labels if labelled else np.zeros(len(test.labels), dtype=np.int64)
+    names = list(data.class_names) if labelled else ["unlabelled"]
+    return (
+        joint_matrix_figure(joint, bin_size, cfg.matrix_blocks),
+        attribution_figure(test.images, codes.numpy(), 0, cfg.attribution_units, cfg.attribution_images),
+        bin_occupancy_figure(codes.numpy()),
+        embedding_map_figure(emb.test.backbone, labels, names, seed=cfg.seed),
+    )
+
+
+def _display_bin(dim: int) -> int:
+    """For methods without bins, a bin size that divides D, so the pictures still draw."""
+    for size in (32, 16, 8, 4, 2):
+        if dim % size == 0:
+            return size
+    return 1

@@ -1,0 +1,600 @@
+"""Metrics on frozen features: kNN, linear probe, redundancy, bin usage, discrete code, collapse.
+
+Every function takes torch tensors or numpy arrays and returns plain Python floats (or
+small numpy arrays where a picture needs them), so results go straight into a metrics
+JSON file or MLflow. Nothing here trains the encoder or reads files; features are
+computed elsewhere and passed in.
+
+References:
+    Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
+    Discrimination" (the weighted kNN protocol, k=20, T=0.07).
+    Garrido et al. 2023, "RankMe: Assessing the Downstream Performance of Pretrained
+    Self-Supervised Representations by Their Rank" (effective rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imsvd.errors import ConfigError, DataError
+
+ArrayLike = torch.Tensor | np.ndarray
+
+#: A bin whose marginal mass is below ``DEAD_BIN_FRACTION / bin_size`` counts as dead.
+DEAD_BIN_FRACTION = 1e-3
+#: The eps of RankMe (Garrido et al. 2023), added to the normalised singular values.
+RANKME_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_float(x: ArrayLike, name: str, ndim: int) -> torch.Tensor:
+    """``x`` as a detached float32 CPU tensor of ``ndim`` dimensions (float64 kept)."""
+    t = torch.as_tensor(x).detach().cpu()
+    if t.ndim != ndim:
+        raise DataError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if not (t.is_floating_point() and t.dtype == torch.float64):
+        t = t.float()
+    return t
+
+
+def _as_labels(y: ArrayLike, name: str, n: int) -> torch.Tensor:
+    """``y`` as a (n,) int64 CPU tensor of non-negative class indices."""
+    t = torch.as_tensor(y).detach().cpu()
+    if t.ndim != 1 or t.shape[0] != n:
+        raise DataError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise DataError(f"{name} must hold integer class indices")
+    t = t.long()
+    if n and int(t.min()) < 0:
+        raise DataError(f"{name} must be >= 0 (unlabelled samples cannot be evaluated)")
+    return t
+
+
+def _check_positive(value: float, name: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+# --------------------------------------------------------------------------- kNN
+
+
+def _weighted_vote(
+    similarity: torch.Tensor, train_labels: torch.Tensor, k: int, temperature: float, num_classes: int
+) -> torch.Tensor:
+    """Class scores of a weighted vote among the ``k`` most similar training samples.
+
+    Args:
+        similarity: (M, N_train) similarity of each test row to each training row.
+        train_labels: (N_train,) int64 class indices.
+        k: neighbours (already clipped to N_train).
+        temperature: each neighbour votes ``exp(similarity / temperature)``.
+        num_classes: C.
+
+    Returns:
+        (M, C) summed votes per class.
+    """
+    top_sim, top_idx = similarity.topk(k, dim=1)
+    weights = (top_sim / temperature).exp()
+    scores = torch.zeros(similarity.shape[0], num_classes, dtype=weights.dtype)
+    return scores.scatter_add_(1, train_labels[top_idx], weights)
+
+
+def knn_scores(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class scores of the weighted cosine kNN classifier (Wu et al. 2018).
+
+    Each test sample takes its ``k`` nearest training samples by cosine similarity; each
+    neighbour votes for its class with weight ``exp(sim / temperature)``. The reference
+    protocol of InstDisc/IMSVD is k=20, T=0.07; lightly's benchmarks use k=200, T=0.1.
+    Test rows are processed ``chunk_size`` at a time, so memory is
+    O(chunk_size * N_train) whatever the test set size.
+
+    Args:
+        train_features: (N_train, F) frozen features of the labelled training set.
+        train_labels: (N_train,) class indices in [0, C).
+        test_features: (M, F) features to classify.
+        k: neighbours; clipped to N_train when larger.
+        temperature: vote temperature (> 0).
+        num_classes: C; by default ``max(train_labels) + 1``.
+        chunk_size: test rows per similarity block.
+
+    Returns:
+        (M, C) float tensor of summed votes (higher is more likely).
+
+    Raises:
+        ConfigError: k, temperature or chunk_size not positive.
+        DataError: shapes disagree or the training set is empty.
+    """
+    train = _as_float(train_features, "train_features", 2)
+    test = _as_float(test_features, "test_features", 2)
+    labels = _as_labels(train_labels, "train_labels", train.shape[0])
+    if train.shape[0] == 0:
+        raise DataError("kNN needs at least one training sample")
+    if train.shape[1] != test.shape[1]:
+        raise DataError(f"train features have {train.shape[1]} columns, test features {test.shape[1]}")
+    _check_positive(k, "k")
+    _check_positive(temperature, "temperature")
+    _check_positive(chunk_size, "chunk_size")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    k = min(k, train.shape[0])
+    train = F.normalize(train, dim=1)
+    test = F.normalize(test.to(train.dtype), dim=1)
+    chunks = [
+        _weighted_vote(chunk @ train.T, labels, k, temperature, num_classes)
+        for chunk in test.split(chunk_size)
+    ]
+    return torch.cat(chunks) if chunks else torch.zeros(0, num_classes)
+
+
+def topk_accuracy(scores: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Share of samples whose true class is among the ``k`` highest scores, for each k.
+
+    Args:
+        scores: (M, C) class scores (logits, votes or probabilities).
+        labels: (M,) true class indices.
+        ks: the k values; a k above C is clipped to C (so it gives 1.0).
+
+    Returns:
+        ``{k: accuracy in [0, 1]}`` for each k in ``ks``.
+
+    Raises:
+        DataError: shapes disagree or there are no samples.
+    """
+    s = _as_float(scores, "scores", 2)
+    y = _as_labels(labels, "labels", s.shape[0])
+    if s.shape[0] == 0:
+        raise DataError("accuracy needs at least one sample")
+    if int(y.max()) >= s.shape[1]:
+        raise DataError(f"labels go up to {int(y.max())} but scores have only {s.shape[1]} classes")
+    ranked = s.topk(min(max(ks), s.shape[1]), dim=1).indices
+    hits = ranked == y[:, None]
+    return {k: float(hits[:, : min(k, s.shape[1])].any(dim=1).float().mean()) for k in ks}
+
+
+def knn_accuracy(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    test_labels: ArrayLike,
+    k: int = 20,
+    temperature: float = 0.07,
+    ks: Sequence[int] = (1, 5),
+    chunk_size: int = 1024,
+) -> dict[int, float]:
+    """Top-k accuracies of the weighted cosine kNN classifier (see ``knn_scores``).
+
+    Returns:
+        ``{k: accuracy in [0, 1]}`` for each k in ``ks``.
+    """
+    y_test = torch.as_tensor(test_labels)
+    y_train = torch.as_tensor(train_labels)
+    num_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
+    scores = knn_scores(train_features, y_train, test_features, k, temperature, num_classes, chunk_size)
+    return topk_accuracy(scores, y_test, ks)
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+def linear_probe(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    test_labels: ArrayLike,
+    epochs: int = 200,
+    lr: float = 0.1,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    ks: Sequence[int] = (1, 5),
+) -> dict[int, float]:
+    """Test top-k accuracy of a linear classifier trained on frozen features.
+
+    The features are standardised with the mean and standard deviation of the training
+    set only. A linear layer is then trained full-batch with Adam (learning rate ``lr``
+    decayed to 0 by a cosine over ``epochs`` steps, L2 ``weight_decay`` on the weights)
+    on the cross-entropy. Full batch keeps it deterministic for a seed and converges in
+    well under a second on a few thousand 512-d features; Adam makes the step size
+    insensitive to how correlated the features are.
+
+    Args:
+        train_features: (N, F) training features.
+        train_labels: (N,) class indices.
+        test_features: (M, F) test features.
+        test_labels: (M,) class indices.
+        epochs: full-batch optimisation steps.
+        lr: peak learning rate.
+        weight_decay: L2 penalty on the weights (not the bias).
+        seed: initialises the layer (a local ``torch.Generator``; global state untouched).
+        ks: the k values of the reported accuracies.
+
+    Returns:
+        ``{k: test accuracy in [0, 1]}`` for each k in ``ks``.
+
+    Raises:
+        ConfigError: epochs, lr not positive or weight_decay negative.
+        DataError: shapes disagree or the training set is empty.
+    """
+    x_train = _as_float(train_features, "train_features", 2).double()
+    x_test = _as_float(test_features, "test_features", 2).double()
+    y_train = _as_labels(train_labels, "train_labels", x_train.shape[0])
+    y_test = _as_labels(test_labels, "test_labels", x_test.shape[0])
+    if x_train.shape[0] == 0:
+        raise DataError("the linear probe needs at least one training sample")
+    if x_train.shape[1] != x_test.shape[1]:
+        raise DataError(f"train features have {x_train.shape[1]} columns, test features {x_test.shape[1]}")
+    _check_positive(epochs, "epochs")
+    _check_positive(lr, "lr")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+
+    mean = x_train.mean(0)
+    std = x_train.std(0, unbiased=False).clamp_min(1e-8)  # constant columns become 0, not NaN
+    x_train = ((x_train - mean) / std).float()
+    x_test = ((x_test - mean) / std).float()
+    num_classes = int(max(int(y_train.max()), int(y_test.max()) if len(y_test) else 0)) + 1
+
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(x_train.shape[1]) if x_train.shape[1] else 0.0
+    weight = (torch.rand(num_classes, x_train.shape[1], generator=generator) * 2 - 1) * bound
+    bias = torch.zeros(num_classes)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    for _ in range(epochs):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(F.linear(x_train, weight, bias), y_train)
+        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        logits = F.linear(x_test, weight, bias)
+    return topk_accuracy(logits, y_test, ks)
+
+
+# --------------------------------------------------------------------------- redundancy
+
+
+def mean_abs_off_diagonal_correlation(z: ArrayLike) -> float:
+    """Mean absolute Pearson correlation between distinct columns of ``z``.
+
+    0 for decorrelated features, 1 when every column is a copy (up to sign and scale) of
+    one other. A constant column has no defined correlation; it counts as 0.
+
+    Args:
+        z: (N, D) features (for example the projector output), N >= 2, D >= 2.
+
+    Returns:
+        The mean of ``|corr[i, j]|`` over the D(D-1) pairs i != j.
+    """
+    x = _as_float(z, "z", 2).double()
+    n, d = x.shape
+    if n < 2 or d < 2:
+        raise DataError(f"correlation needs at least 2 samples and 2 columns, got shape {(n, d)}")
+    x = x - x.mean(0)
+    std = x.norm(dim=0)
+    x = x / torch.where(std > 0, std, torch.ones_like(std))
+    corr = x.T @ x
+    off = corr.abs().sum() - corr.diagonal().abs().sum()
+    return float(off / (d * (d - 1)))
+
+
+def effective_rank(z: ArrayLike, eps: float = RANKME_EPS) -> float:
+    """RankMe effective rank (Garrido et al. 2023).
+
+    ``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / sum(sigma) + eps`` over the singular
+    values of ``z`` (not centred, as in the paper). Between 1 (rank one) and min(N, D)
+    (all singular values equal).
+
+    Args:
+        z: (N, D) embeddings.
+        eps: added to the normalised singular values (the paper's 1e-7).
+
+    Returns:
+        The effective rank as a float.
+    """
+    x = _as_float(z, "z", 2).double()
+    if x.numel() == 0:
+        raise DataError(f"effective rank needs a non-empty matrix, got shape {tuple(x.shape)}")
+    sigma = torch.linalg.svdvals(x)
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma / total + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+# --------------------------------------------------------------------------- IMSVD codes
+
+
+def _as_codes(codes: ArrayLike) -> torch.Tensor:
+    """Soft codes as a (N, B, bin) float64 tensor."""
+    p = _as_float(codes, "codes", 3).double()
+    if p.shape[0] == 0 or p.shape[2] < 2:
+        raise DataError(f"codes must be (N, B, bin) with N >= 1 and bin >= 2, got {tuple(p.shape)}")
+    return p
+
+
+def block_marginals(codes: ArrayLike) -> np.ndarray:
+    """Mean soft code per block: how much probability each bin receives overall.
+
+    Args:
+        codes: (N, B, bin) soft codes, each (sample, block) row summing to 1.
+
+    Returns:
+        (B, bin) float64 array, each row summing to 1.
+    """
+    p = _as_codes(codes).mean(0)
+    return (p / p.sum(1, keepdim=True)).numpy()
+
+
+def bin_occupancy(codes: ArrayLike) -> np.ndarray:
+    """Share of samples whose most probable bin (argmax) is each bin, per block.
+
+    Args:
+        codes: (N, B, bin) soft codes (or logits: only the argmax matters).
+
+    Returns:
+        (B, bin) float64 array, each row summing to 1.
+    """
+    p = _as_codes(codes)
+    n, blocks, bins = p.shape
+    hits = F.one_hot(p.argmax(2), bins).double()
+    return (hits.sum(0) / n).numpy()
+
+
+def bin_usage(codes: ArrayLike, dead_fraction: float = DEAD_BIN_FRACTION) -> dict[str, float]:
+    """How evenly the bins of each block are used by a set of soft codes.
+
+    Dead bins are defined on the marginal, not on the argmax: a bin is dead when its
+    marginal mass (mean soft probability over samples) is below ``dead_fraction / bin``,
+    that is under a thousandth of its uniform share. The marginal is the quantity the
+    IMSVD diagonal term maximises the entropy of, and unlike an argmax count it is not
+    distorted by ties (a uniform soft code has no meaningful argmax). The argmax view is
+    kept in ``collapsed_block_share`` and ``bin_occupancy``.
+
+    Args:
+        codes: (N, B, bin) soft codes, each (sample, block) row summing to 1.
+        dead_fraction: dead threshold as a fraction of the uniform share 1/bin.
+
+    Returns:
+        ``entropy``: mean over blocks of the entropy (nats) of the block's marginal;
+        ``normalized_entropy``: the same divided by log(bin), in [0, 1];
+        ``dead_share``: share of the B*bin bins that are dead;
+        ``collapsed_block_share``: share of blocks whose argmax bin is the same for
+        every sample (1.0 means the discrete code is constant).
+    """
+    p = _as_codes(codes)
+    bins = p.shape[2]
+    marginal = torch.from_numpy(block_marginals(p))
+    entropy = -(marginal * marginal.clamp_min(1e-300).log()).sum(1)
+    occupancy = torch.from_numpy(bin_occupancy(p))
+    return {
+        "entropy": float(entropy.mean()),
+        "normalized_entropy": float(entropy.mean() / math.log(bins)),
+        "dead_share": float((marginal < dead_fraction / bins).double().mean()),
+        "collapsed_block_share": float((occupancy.max(1).values >= 1.0).double().mean()),
+    }
+
+
+def off_block_mutual_information(
+    joint: ArrayLike, bin_size: int, max_pairs: int | None = 10_000, seed: int = 0
+) -> float:
+    """Mean mutual information between distinct blocks, from the joint matrix P.
+
+    For blocks a != b, ``P_ab`` is the (bin, bin) sub-matrix of P at rows of block a and
+    columns of block b, renormalised to sum 1 (it does already when P comes from soft
+    codes); its marginals are its row and column sums. The MI of the pair is
+    ``sum P_ab log(P_ab / (p_a p_b))`` with 0 log 0 = 0. Ordered pairs are used, since P
+    from two views need not be symmetric. When B(B-1) exceeds ``max_pairs``, the mean is
+    taken over ``max_pairs`` distinct pairs drawn with a ``seed``-ed generator (the same
+    pairs for the same B, so runs stay comparable); otherwise over all pairs.
+
+    Args:
+        joint: (D, D) joint matrix, ``P = p1^T p2 / N`` of flattened soft codes.
+        bin_size: bins per block; must divide D.
+        max_pairs: most pairs to average over; None for all.
+        seed: picks the subset of pairs.
+
+    Returns:
+        Mean MI in nats: 0 for independent blocks, log(bin) for identical one-hot blocks
+        with all bins used equally.
+
+    Raises:
+        DataError: P is not square or bin_size does not divide D.
+        ConfigError: fewer than 2 blocks, or max_pairs < 1.
+    """
+    p = _as_float(joint, "joint", 2).double()
+    d = p.shape[0]
+    if p.shape[1] != d:
+        raise DataError(f"joint must be square, got shape {tuple(p.shape)}")
+    if bin_size < 1 or d % bin_size:
+        raise DataError(f"bin_size {bin_size} must divide the joint size {d}")
+    blocks = d // bin_size
+    if blocks < 2:
+        raise ConfigError(f"mutual information between blocks needs at least 2 blocks, got {blocks}")
+    if max_pairs is not None and max_pairs < 1:
+        raise ConfigError(f"max_pairs must be >= 1 or None, got {max_pairs}")
+
+    grid = p.reshape(blocks, bin_size, blocks, bin_size).permute(0, 2, 1, 3)  # (B, B, bin, bin)
+    a, b = torch.triu_indices(blocks, blocks, offset=1)
+    a, b = torch.cat([a, b]), torch.cat([b, a])  # all ordered pairs a != b
+    if max_pairs is not None and len(a) > max_pairs:
+        pick = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))[:max_pairs]
+        a, b = a[pick], b[pick]
+    pab = grid[a, b].clamp_min(0)
+    pab = pab / pab.sum((1, 2), keepdim=True).clamp_min(1e-300)
+    pa = pab.sum(2, keepdim=True)
+    pb = pab.sum(1, keepdim=True)
+    ratio = pab / (pa * pb).clamp_min(1e-300)
+    terms = torch.where(pab > 0, pab * ratio.clamp_min(1e-300).log(), torch.zeros_like(pab))
+    return float(terms.sum((1, 2)).mean())
+
+
+# --------------------------------------------------------------------------- discrete code
+
+
+def discrete_code(z: ArrayLike, bin_size: int) -> np.ndarray:
+    """The discrete IMSVD code: the most probable bin of each block.
+
+    Softmax is monotone, so the argmax of the projector output equals that of its soft
+    codes; either may be passed.
+
+    Args:
+        z: (N, D) projector output or flattened soft codes, or (N, B, bin) soft codes.
+        bin_size: bins per block; must divide D.
+
+    Returns:
+        (N, B) int64 array of bin indices in [0, bin_size).
+    """
+    t = torch.as_tensor(z).detach().cpu()
+    if t.ndim == 2:
+        if bin_size < 1 or t.shape[1] % bin_size:
+            raise DataError(f"bin_size {bin_size} must divide the code size {t.shape[1]}")
+        t = t.reshape(t.shape[0], -1, bin_size)
+    elif t.ndim != 3 or t.shape[2] != bin_size:
+        raise DataError(f"z must be (N, D) or (N, B, {bin_size}), got shape {tuple(t.shape)}")
+    return t.argmax(2).long().numpy()
+
+
+def code_bits(num_blocks: int, bin_size: int) -> float:
+    """Information capacity of the discrete code: ``num_blocks * log2(bin_size)`` bits."""
+    if num_blocks < 1 or bin_size < 1:
+        raise ConfigError(f"num_blocks and bin_size must be >= 1, got {num_blocks}, {bin_size}")
+    return float(num_blocks * math.log2(bin_size))
+
+
+def code_knn_scores(
+    train_codes: ArrayLike,
+    train_labels: ArrayLike,
+    test_codes: ArrayLike,
+    bin_size: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class scores of a weighted kNN that sees only the discrete code.
+
+    Similarity is the number of blocks whose bin agrees (a Hamming-style agreement count),
+    computed as a product of one-hot codes; each of the ``k`` most similar training
+    samples votes ``exp(agreement / B / temperature)`` for its class.
+
+    Args:
+        train_codes: (N_train, B) int bin indices (``discrete_code``).
+        train_labels: (N_train,) class indices.
+        test_codes: (M, B) int bin indices.
+        bin_size: bins per block (codes lie in [0, bin_size)).
+        k: neighbours; clipped to N_train.
+        temperature: vote temperature (> 0).
+        num_classes: C; by default ``max(train_labels) + 1``.
+        chunk_size: test rows per similarity block.
+
+    Returns:
+        (M, C) float tensor of summed votes.
+    """
+    train = torch.as_tensor(train_codes).long()
+    test = torch.as_tensor(test_codes).long()
+    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
+        raise DataError(
+            f"codes must be (N, B) with the same B, got {tuple(train.shape)} and {tuple(test.shape)}"
+        )
+    if train.shape[0] == 0:
+        raise DataError("kNN needs at least one training sample")
+    for name, c in (("train_codes", train), ("test_codes", test)):
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= bin_size):
+            raise DataError(f"{name} must lie in [0, {bin_size})")
+    labels = _as_labels(train_labels, "train_labels", train.shape[0])
+    _check_positive(k, "k")
+    _check_positive(temperature, "temperature")
+    _check_positive(chunk_size, "chunk_size")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    blocks = train.shape[1]
+    k = min(k, train.shape[0])
+    train_hot = F.one_hot(train, bin_size).reshape(train.shape[0], -1).float()
+    chunks = []
+    for chunk in test.split(chunk_size):
+        test_hot = F.one_hot(chunk, bin_size).reshape(chunk.shape[0], -1).float()
+        agreement = test_hot @ train_hot.T  # (m, N_train) agreeing blocks, exact in float32
+        chunks.append(_weighted_vote(agreement / blocks, labels, k, temperature, num_classes))
+    return torch.cat(chunks) if chunks else torch.zeros(0, num_classes)
+
+
+def code_knn_accuracy(
+    train_codes: ArrayLike,
+    train_labels: ArrayLike,
+    test_codes: ArrayLike,
+    test_labels: ArrayLike,
+    bin_size: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> float:
+    """Top-1 accuracy in [0, 1] of the discrete-code kNN (see ``code_knn_scores``)."""
+    y_test = torch.as_tensor(test_labels)
+    y_train = torch.as_tensor(train_labels)
+    num_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
+    scores = code_knn_scores(
+        train_codes, y_train, test_codes, bin_size, k, temperature, num_classes, chunk_size
+    )
+    return topk_accuracy(scores, y_test, (1,))[1]
+
+
+# --------------------------------------------------------------------------- collapse
+
+
+def collapse_report(
+    effective_rank: float,
+    dim: int,
+    bin_usage: dict[str, float] | None = None,
+    ratio: float = 0.05,
+) -> dict[str, bool | float | str]:
+    """Flag a collapsed representation.
+
+    Collapsed when the effective rank is below ``ratio * dim`` (dimensional collapse), or
+    when every block puts all samples in one bin (``bin_usage["collapsed_block_share"]``
+    is 1: the discrete code is the same for every image).
+
+    Args:
+        effective_rank: RankMe of the embeddings (``effective_rank``).
+        dim: D, the embedding size.
+        bin_usage: the dict of ``bin_usage`` for IMSVD codes; None for other methods.
+        ratio: share of D under which the rank counts as collapsed (``evaluate.collapse_rank_ratio``).
+
+    Returns:
+        ``collapsed`` (bool), ``reason`` (str, empty when not collapsed),
+        ``effective_rank`` and ``rank_threshold`` (floats).
+    """
+    if dim < 1:
+        raise ConfigError(f"dim must be >= 1, got {dim}")
+    if not 0 <= ratio <= 1:
+        raise ConfigError(f"ratio must be in [0, 1], got {ratio}")
+    threshold = ratio * dim
+    reasons = []
+    if effective_rank < threshold:
+        reasons.append(
+            f"effective rank {effective_rank:.2f} < {ratio:g} x D = {threshold:.2f} (dimensional collapse)"
+        )
+    if bin_usage is not None and bin_usage.get("collapsed_block_share", 0.0) >= 1.0:
+        reasons.append("every block puts all samples in one bin (constant discrete code)")
+    return {
+        "collapsed": bool(reasons),
+        "reason": "; ".join(reasons),
+        "effective_rank": float(effective_rank),
+        "rank_threshold": float(threshold),
+    }

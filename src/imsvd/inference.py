@@ -1,0 +1,68 @@
+"""Frozen-encoder inference: features for evaluation and the encoder's speed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+
+@dataclass(frozen=True)
+class Features:
+    """Frozen outputs for a set of images.
+
+    Attributes:
+        backbone: (N, F) float32 backbone features (what downstream tasks use).
+        projector: (N, D) float32 projector outputs (what the loss saw).
+    """
+
+    backbone: np.ndarray
+    projector: np.ndarray
+
+
+def prepare(images: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> normalised float (N, C, size, size), resized with antialiasing."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x = v2.Resize((size, size), antialias=True)(x)
+    x = v2.ToDtype(torch.float32, scale=True)(x)
+    return v2.Normalize(mean, std)(x)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    images: np.ndarray,
+    size: int,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 256,
+) -> Features:
+    """Backbone and projector outputs of the frozen encoder (eval mode) in batches."""
+    encoder.eval()
+    backbone, projector = [], []
+    for start in range(0, len(images), batch_size):
+        x = prepare(images[start : start + batch_size], size, mean, std)
+        h, z = encoder(x)
+        backbone.append(h.float().numpy())
+        projector.append(z.float().numpy())
+    return Features(np.concatenate(backbone), np.concatenate(projector))
+
+
+@torch.no_grad()
+def images_per_second(
+    encoder: nn.Module, channels: int, size: int, batch_size: int = 256, repeats: int = 3
+) -> float:
+    """Backbone inference throughput on this machine (median of ``repeats`` batches)."""
+    encoder.eval()
+    x = torch.randn(batch_size, channels, size, size, generator=torch.Generator().manual_seed(0))
+    encoder.backbone(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encoder.backbone(x)
+        times.append(time.perf_counter() - start)
+    return batch_size / float(np.median(times))

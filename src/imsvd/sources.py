@@ -1,0 +1,563 @@
+"""Data sources: each one read into the canonical :class:`imsvd.data.ImageData`.
+
+Three sources (``data.source``):
+
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, values
+  0..16), scaled to uint8 by ``round(v * 255 / 16)`` and split train/test with a seeded,
+  stratified split. Ids are ``digits/<index in the bundled set>``.
+* ``fashion_mnist``: the four standard IDX files (gzipped or not) with the official
+  train/test split. Ids are ``fashion_mnist/<split>/<index>``.
+* ``image_folder``: ``train/<class>/*`` and ``test/<class>/*`` image files (a ``train/``
+  without class sub-folders is unlabelled). Ids are paths relative to ``data.path``.
+
+Image folder decisions (the canonical form has one size and one channel count):
+
+* Modes are converted to ``L`` (1 channel) or ``RGB`` (3 channels): ``1``/``L``/``LA``
+  become ``L``; ``P``/``PA``/``RGBA``/``CMYK``/``YCbCr``/... become ``RGB`` (alpha is
+  dropped, palettes expanded); 16-bit ``I;16*`` and ``I`` (taken as 16-bit, values
+  outside 0..65535 refused) become ``L`` by ``value >> 8``; ``F`` is refused.
+* A folder mixing 1- and 3-channel images after conversion is refused (the minority
+  files are named): silently promoting grayscale to RGB would hide a mixed data set.
+* Every image is resized with Pillow (Lanczos, aspect ratio not kept) to the most common
+  ``(height, width)`` of the folder (ties: the smallest). :class:`OriginalImage` keeps
+  each file's size and mode so validation checks the originals' bounds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from imsvd.config import DataConfig
+from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
+from imsvd.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+FASHION_MNIST_FILES = {
+    TRAIN: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    TEST: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+# Refuses an IDX header that declares an absurd payload before any allocation.
+IDX_MAX_BYTES = 1 << 31
+# Unreadable files named in one error message before "... and N more".
+MAX_NAMED_FILES = 5
+
+_TO_L = {"1", "L", "LA", "La"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+@dataclass(frozen=True)
+class OriginalImage:
+    """What one source image looked like before conversion to the canonical form.
+
+    Attributes:
+        height: original height in pixels.
+        width: original width in pixels.
+        mode: Pillow mode of the file (``"L"``, ``"RGBA"``, ``"I;16"`` ...).
+    """
+
+    height: int
+    width: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class SourceImages:
+    """A source read into canonical form, with each image's original description.
+
+    Attributes:
+        data: the canonical image set.
+        originals: one :class:`OriginalImage` per image, in ``data`` order.
+    """
+
+    data: ImageData
+    originals: tuple[OriginalImage, ...]
+
+
+def load_source(config: DataConfig) -> SourceImages:
+    """Read the source that ``config.source`` names.
+
+    Args:
+        config: the parsed ``data.*`` parameters.
+
+    Returns:
+        The canonical images and their originals.
+
+    Raises:
+        DataError: when the files cannot be read or are structurally wrong (the message
+            names the file or folder).
+    """
+    if config.source == "digits":
+        data = load_digits(config.test_size, config.seed)
+        return SourceImages(data, canonical_originals(data))
+    if config.source == "fashion_mnist":
+        data = load_fashion_mnist(Path(str(config.path)))
+        return SourceImages(data, canonical_originals(data))
+    return load_image_folder(Path(str(config.path)), config.max_image_pixels)
+
+
+def canonical_originals(data: ImageData) -> tuple[OriginalImage, ...]:
+    """Originals of a source that is already canonical (every image as stored).
+
+    Args:
+        data: images of shape (N, H, W, C) with C in {1, 3}.
+    """
+    _, height, width, channels = data.images.shape
+    mode = "L" if channels == 1 else "RGB"
+    return tuple(OriginalImage(height, width, mode) for _ in range(len(data.images)))
+
+
+# --- digits -------------------------------------------------------------------------
+
+
+def scale_digits(values: np.ndarray) -> np.ndarray:
+    """Scale digits pixel values 0..16 to uint8 0..255 (``round(v * 255 / 16)``).
+
+    Args:
+        values: float array of values in [0, 16].
+
+    Returns:
+        uint8 array of the same shape.
+    """
+    return np.clip(np.rint(np.asarray(values, dtype=np.float64) * 255.0 / 16.0), 0, 255).astype(np.uint8)
+
+
+def load_digits(test_size: float, seed: int) -> ImageData:
+    """scikit-learn's bundled 8x8 digits as (1797, 8, 8, 1) uint8, split train/test.
+
+    Args:
+        test_size: share of each class put in the test split, in (0, 1).
+        seed: seed of the stratified split (same seed, same split).
+
+    Returns:
+        All 1,797 images in their bundled order, ids ``digits/<index>``.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_digits()
+    images = scale_digits(bunch.images)[..., np.newaxis]
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    index = np.arange(len(labels))
+    _, test_index = train_test_split(index, test_size=test_size, random_state=seed, stratify=labels)
+    splits = np.full(len(labels), TRAIN, dtype=object)
+    splits[test_index] = TEST
+    return ImageData(
+        images=images,
+        labels=labels,
+        splits=splits.astype(str),
+        ids=np.asarray([f"digits/{i}" for i in index]),
+        class_names=tuple(str(name) for name in bunch.target_names),
+    )
+
+
+# --- Fashion-MNIST (IDX) ----------------------------------------------------------
+
+
+def parse_idx(raw: bytes, expected_magic: int, name: str) -> np.ndarray:
+    """Parse an IDX payload of unsigned bytes.
+
+    The header is a big-endian int32 magic (two zero bytes, a dtype byte 0x08 for
+    unsigned bytes, a dimension count) and one big-endian uint32 per dimension.
+
+    Args:
+        raw: the whole (decompressed) file.
+        expected_magic: 2051 for images (3 dims), 2049 for labels (1 dim).
+        name: the file, named in errors.
+
+    Returns:
+        uint8 array of the declared shape.
+
+    Raises:
+        DataError: on a wrong magic number, a truncated header or payload, or
+            trailing bytes.
+    """
+    if len(raw) < 4:
+        raise DataError(f"{name}: truncated IDX file ({len(raw)} bytes, no header)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"{name}: wrong IDX magic number {magic}, expected {expected_magic}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name}: truncated IDX header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(dims, dtype=np.int64))
+    if len(raw) - header != size:
+        kind = "truncated" if len(raw) - header < size else "oversized"
+        raise DataError(
+            f"{name}: {kind} IDX file: header declares {dims} = {size} bytes, found {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx_file(path: Path, expected_magic: int) -> np.ndarray:
+    """Read a (possibly gzipped) IDX file of unsigned bytes.
+
+    Reads at most the header's declared size plus one byte, so a gzip bomb or a
+    wildly wrong header is refused without decompressing everything.
+
+    Args:
+        path: the ``.gz`` or uncompressed file.
+        expected_magic: 2051 for images, 2049 for labels.
+
+    Raises:
+        DataError: naming the file when it is unreadable, truncated or malformed.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) == 4 and int.from_bytes(head, "big") == expected_magic:
+                dims = handle.read(4 * head[3])
+                declared = int(
+                    np.prod([int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4)])
+                )
+                if declared > IDX_MAX_BYTES:
+                    raise DataError(
+                        f"{path}: IDX header declares {declared} bytes, more than {IDX_MAX_BYTES}"
+                    )
+                raw = head + dims + handle.read(declared + 1)
+            else:
+                raw = head
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read IDX file ({exc})") from exc
+    return parse_idx(raw, expected_magic, str(path))
+
+
+def _idx_path(folder: Path, stem: str) -> Path:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{folder}: missing {stem}.gz (or {stem}) for data.source=fashion_mnist")
+
+
+def load_fashion_mnist(folder: Path) -> ImageData:
+    """The Fashion-MNIST IDX files of ``folder`` with the official train/test split.
+
+    Args:
+        folder: holds ``train-images-idx3-ubyte(.gz)``, ``train-labels-idx1-ubyte(.gz)``,
+            ``t10k-images-idx3-ubyte(.gz)`` and ``t10k-labels-idx1-ubyte(.gz)``.
+
+    Returns:
+        Images (N, H, W, 1) uint8, train first, ids ``fashion_mnist/<split>/<index>``.
+
+    Raises:
+        DataError: naming ``data.path`` or the file at fault.
+    """
+    if not folder.is_dir():
+        raise DataError(f"data.path {folder} is not a folder (data.source=fashion_mnist)")
+    parts = []
+    for split, (image_stem, label_stem) in FASHION_MNIST_FILES.items():
+        image_path, label_path = _idx_path(folder, image_stem), _idx_path(folder, label_stem)
+        images = read_idx_file(image_path, IDX_IMAGES_MAGIC)
+        labels = read_idx_file(label_path, IDX_LABELS_MAGIC).astype(np.int64)
+        if len(images) != len(labels):
+            raise DataError(f"{label_path}: {len(labels)} labels for {len(images)} images in {image_path}")
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{label_path}: label {labels.max()} outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
+        ids = np.asarray([f"fashion_mnist/{split}/{i}" for i in range(len(labels))])
+        parts.append((images, labels, np.full(len(labels), split), ids, image_path))
+    (train_images, *_, train_path), (test_images, *_, test_path) = parts
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DataError(
+            f"{test_path}: image size {test_images.shape[1:]} differs from {train_path}'s {train_images.shape[1:]}"
+        )
+    return ImageData(
+        images=np.concatenate([p[0] for p in parts])[..., np.newaxis],
+        labels=np.concatenate([p[1] for p in parts]),
+        splits=np.concatenate([p[2] for p in parts]).astype(str),
+        ids=np.concatenate([p[3] for p in parts]).astype(str),
+        class_names=FASHION_MNIST_CLASSES,
+    )
+
+
+# --- image folders ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image file found in an image folder.
+
+    Attributes:
+        path: the file as listed (maybe a symlink).
+        image_id: path relative to the data folder (``train/cat/001.png``).
+        split: ``"train"`` or ``"test"``.
+        class_name: its class folder, or ``None`` when unlabelled.
+    """
+
+    path: Path
+    image_id: str
+    split: str
+    class_name: str | None
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions Pillow can open (lower case, with the dot)."""
+    Image.init()
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    resolved = Path(os.path.realpath(path))
+    return resolved == root or root in resolved.parents
+
+
+def _visible(entries: Sequence[Path]) -> list[Path]:
+    return sorted(p for p in entries if not p.name.startswith("."))
+
+
+def _name_files(paths: Sequence[str], limit: int = MAX_NAMED_FILES) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def list_image_files(root: Path) -> list[ImageFile]:
+    """List the image files of ``root/train`` and ``root/test`` with their classes.
+
+    Files directly inside ``<split>/<class>/`` are images of that class; a ``train/``
+    with no sub-folder is unlabelled. Hidden entries are skipped; files with an
+    extension Pillow does not know are skipped with a warning.
+
+    Args:
+        root: the image folder (``data.path``).
+
+    Raises:
+        DataError: for a missing folder, a missing split, a test/ without class
+            folders, an empty class folder, no images at all, nested folders, test
+            classes unknown to train, or symlinks resolving outside ``root``.
+    """
+    if not root.is_dir():
+        raise DataError(f"data.path {root} is not a folder (data.source=image_folder)")
+    real_root = Path(os.path.realpath(root))
+    extensions = image_extensions()
+    found: list[ImageFile] = []
+    outside: list[str] = []
+    skipped: list[str] = []
+    classes: dict[str, list[str]] = {}
+    for split in (TRAIN, TEST):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"missing split folder {split_dir}: data.path must hold train/ and test/")
+        if not _is_inside(split_dir, real_root):
+            raise DataError(f"symlinks resolving outside data.path {root} refused: {split_dir}")
+        entries = _visible(list(split_dir.iterdir()))
+        class_dirs = [p for p in entries if p.is_dir()]
+        loose = [p for p in entries if not p.is_dir()]
+        if class_dirs and loose:
+            raise DataError(
+                f"{split_dir} mixes class folders and loose files ({_name_files([str(p) for p in loose])})"
+            )
+        if not class_dirs and split == TEST:
+            raise DataError(f"{split_dir} has no class folders: evaluation needs a labelled test/<class>/")
+        groups = [(d, d.name) for d in class_dirs] if class_dirs else [(split_dir, None)]
+        classes[split] = [d.name for d in class_dirs]
+        for folder, class_name in groups:
+            if folder.is_symlink() and not _is_inside(folder, real_root):
+                outside.append(str(folder))
+                continue
+            count = 0
+            for path in _visible(list(folder.iterdir())):
+                if path.is_dir():
+                    raise DataError(f"{path}: nested folders are not supported inside {folder}")
+                if path.suffix.lower() not in extensions:
+                    skipped.append(str(path))
+                    continue
+                if not _is_inside(path, real_root):
+                    outside.append(str(path))
+                    continue
+                image_id = path.relative_to(root).as_posix()
+                found.append(ImageFile(path, image_id, split, class_name))
+                count += 1
+            if count == 0:
+                raise DataError(f"{folder} holds no image files")
+    if outside:
+        raise DataError(f"symlinks resolving outside data.path {root} refused: {_name_files(outside)}")
+    if skipped:
+        logger.warning(
+            "skipped %d file(s) without an image extension: %s", len(skipped), _name_files(skipped)
+        )
+    unknown = sorted(set(classes[TEST]) - set(classes[TRAIN])) if classes[TRAIN] else []
+    if unknown:
+        raise DataError(
+            f"test classes unknown to train: {_name_files([str(root / TEST / c) for c in unknown])} "
+            f"(train classes: {', '.join(classes[TRAIN])})"
+        )
+    return found
+
+
+@contextmanager
+def bomb_limit(max_image_pixels: int) -> Iterator[None]:
+    """Set Pillow's decompression-bomb limit and make its warning an error, then restore.
+
+    Args:
+        max_image_pixels: the largest accepted ``width * height`` (``data.max_image_pixels``).
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def to_canonical_array(img: Image.Image) -> np.ndarray:
+    """Convert a decoded Pillow image to an (H, W, 1) or (H, W, 3) uint8 array.
+
+    ``1``/``L``/``LA`` become one channel; 16-bit ``I;16*`` and ``I`` (values must lie
+    in 0..65535) become one channel by ``value >> 8``; ``P``, ``RGBA`` and every other
+    colour mode become RGB (alpha dropped, palette expanded).
+
+    Args:
+        img: a loaded image.
+
+    Raises:
+        DataError: for mode ``F`` or an ``I`` image with values outside 0..65535.
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT:
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise DataError(f"mode {mode} values outside 0..65535 cannot be read as 16-bit")
+        return (values >> 8).astype(np.uint8)[..., np.newaxis]
+    if mode == "F":
+        raise DataError("floating-point mode F is not supported")
+    if mode in _TO_L:
+        return np.asarray(img.convert("L"), dtype=np.uint8)[..., np.newaxis]
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(path: Path) -> tuple[np.ndarray, OriginalImage]:
+    """Open and fully decode one file into a canonical array.
+
+    Call inside :func:`bomb_limit` so oversized images are refused.
+
+    Args:
+        path: an image file.
+
+    Returns:
+        The (H, W, C) uint8 array at the original size, and the original description.
+
+    Raises:
+        DataError: with the reason, when the file cannot be fully decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            original = OriginalImage(img.height, img.width, img.mode)
+            return to_canonical_array(img), original
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"decompression bomb refused by data.max_image_pixels ({exc})") from exc
+    except UnidentifiedImageError:
+        raise DataError("not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot decode ({exc})") from exc
+
+
+def most_common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The most frequent ``(height, width)``; ties go to the smallest size.
+
+    Args:
+        sizes: one ``(height, width)`` per image (non-empty).
+    """
+    counts = Counter(sizes)
+    return min(counts, key=lambda size: (-counts[size], size))
+
+
+def resize_array(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, C) uint8 array to ``size = (height, width)`` with Lanczos.
+
+    Args:
+        array: (H, W, 1) or (H, W, 3) uint8.
+        size: target ``(height, width)``.
+    """
+    if array.shape[:2] == size:
+        return array
+    img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    resized = np.asarray(img.resize((size[1], size[0]), Image.Resampling.LANCZOS), dtype=np.uint8)
+    return resized.reshape(size[0], size[1], array.shape[2])
+
+
+def load_image_folder(root: Path, max_image_pixels: int) -> SourceImages:
+    """Read ``root/train`` and ``root/test`` into one canonical image set.
+
+    Every file is fully decoded; all failures are collected and reported together.
+
+    Args:
+        root: the image folder (``data.path``).
+        max_image_pixels: Pillow's decompression-bomb limit (``data.max_image_pixels``).
+
+    Returns:
+        Images resized to the most common size, train first; ids are paths relative to
+        ``root``; the originals keep each file's own size and mode.
+
+    Raises:
+        DataError: for structural problems (see :func:`list_image_files`), unreadable
+            files (listed by path with the reason), or mixed channel counts.
+    """
+    files = list_image_files(root)
+    arrays: list[np.ndarray] = []
+    originals: list[OriginalImage] = []
+    failures: list[str] = []
+    with bomb_limit(max_image_pixels):
+        for file in files:
+            try:
+                array, original = decode_image(file.path)
+            except DataError as exc:
+                failures.append(f"{file.path}: {exc}")
+                continue
+            arrays.append(array)
+            originals.append(original)
+    if failures:
+        raise DataError(f"{len(failures)} unreadable image file(s) in {root}: {_name_files(failures)}")
+    channel_counts = Counter(a.shape[2] for a in arrays)
+    if len(channel_counts) > 1:
+        minority = min(channel_counts, key=lambda c: (channel_counts[c], c))
+        odd = [f.image_id for f, a in zip(files, arrays, strict=True) if a.shape[2] == minority]
+        raise DataError(
+            f"{root}: images mix 1 and 3 channels after conversion; {len(odd)} file(s) have {minority}: "
+            f"{_name_files(odd)}"
+        )
+    size = most_common_size([a.shape[:2] for a in arrays])
+    class_names = sorted({f.class_name for f in files if f.class_name is not None and f.split == TRAIN})
+    if not class_names:
+        class_names = sorted({f.class_name for f in files if f.class_name is not None})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index[f.class_name] if f.class_name is not None else UNLABELLED for f in files]
+    data = ImageData(
+        images=np.stack([resize_array(a, size) for a in arrays]),
+        labels=np.asarray(labels, dtype=np.int64),
+        splits=np.asarray([f.split for f in files]),
+        ids=np.asarray([f.image_id for f in files]),
+        class_names=tuple(class_names),
+    )
+    return SourceImages(data, tuple(originals))

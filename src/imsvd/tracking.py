@@ -1,0 +1,74 @@
+"""MLflow helpers shared by the Kedro hook and the pretraining node (no Kedro here)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(configured: str | None, project_path: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` wins; a relative ``sqlite:///file`` is anchored at the project."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str((project_path / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested parameters as dotted keys with string values (MLflow's limit: 6,000 chars)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def git_revision(path: Path) -> str:
+    """The commit the code is at (``-dirty`` if uncommitted changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def lightning_logger() -> Any:
+    """An MLFlowLogger writing into the active MLflow run, or ``False`` when none is active.
+
+    Lightning's logger defaults to the ``./mlruns`` file store that MLflow 3 refuses,
+    so the tracking URI is passed explicitly.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return False
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(
+        experiment_name=mlflow.get_experiment(run.info.experiment_id).name,
+        tracking_uri=mlflow.get_tracking_uri(),
+        run_id=run.info.run_id,
+        log_model=False,
+    )

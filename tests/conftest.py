@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny image folders written into ``tmp_path``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_image(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
+    """Save ``pixels`` (H, W) or (H, W, 3) uint8 as an image file, creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
+    (image.convert(mode) if mode else image).save(path)
+    return path
+
+
+@pytest.fixture
+def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory writing ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``.
+
+    Every image is a distinct seeded random grayscale picture with its own brightness,
+    so the set passes the default validation thresholds.
+    """
+
+    def make(
+        classes: Sequence[str] = ("cat", "dog"),
+        train_per_class: int = 6,
+        test_per_class: int = 2,
+        size: tuple[int, int] = (8, 8),
+        name: str = "images",
+        seed: int = 0,
+    ) -> Path:
+        rng = np.random.default_rng(seed)
+        root = tmp_path / name
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            for class_name in classes:
+                for i in range(count):
+                    level = rng.integers(20, 200)
+                    pixels = np.clip(level + rng.integers(-20, 20, size=size), 0, 255).astype(np.uint8)
+                    write_image(root / split / class_name / f"{i:03d}.png", pixels)
+        return root
+
+    return make

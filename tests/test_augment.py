@@ -1,0 +1,509 @@
+"""Tests of the multiview recipe, the view cache, the pair datasets and the augment node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.datasets import load_digits
+
+from imsvd import augment
+from imsvd.augment import (
+    CachedPairDataset,
+    MultiViewTransform,
+    OnTheFlyPairDataset,
+    build_view_cache,
+    cache_paths,
+    channel_stats,
+    check_view_cache,
+    multi_view_transform,
+    normalize,
+    open_view_cache,
+    pair_dataset,
+    pair_indices,
+    random_hflip,
+    view_transform,
+)
+from imsvd.config import AugmentConfig
+from imsvd.data import ImageData
+from imsvd.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """All 1,797 embedded digits as (N, 8, 8, 1) uint8."""
+    return (load_digits().images * (255 / 16)).round().astype(np.uint8)[..., None]
+
+
+@pytest.fixture(scope="module")
+def digits_rgb(digits: np.ndarray) -> np.ndarray:
+    """The digits tinted into three channels, (N, 8, 8, 3) uint8."""
+    tint = np.array([1.0, 0.6, 0.3])
+    return (digits.astype(np.float64) * tint).round().astype(np.uint8)
+
+
+def config(tmp_path: Path, **kwargs: object) -> AugmentConfig:
+    values = {"views": 4, "workers": 1, "cache_dir": str(tmp_path / "cache")} | kwargs
+    return AugmentConfig(**values)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [16, 32])
+def test_view_transform_shapes_on_blank_image(channels: int, size: int) -> None:
+    cfg = AugmentConfig(size=size, blur_p=0.5, solarize_p=0.5)
+    blank = torch.zeros(channels, 8, 8, dtype=torch.uint8)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        view = view_transform(cfg, channels)(blank)
+        assert view.shape == (channels, size, size)
+        assert view.dtype == torch.uint8
+
+
+def test_view_transform_defaults_are_the_reference_cifar_recipe() -> None:
+    steps = view_transform().transforms
+    crop, flip, jitter, gray = steps
+    assert crop.size == (16, 16) and crop.scale == (0.2, 1.0)
+    assert flip.p == 0.5
+    assert jitter.p == 0.8
+    color = jitter.transforms[0]
+    assert color.brightness == (0.6, 1.4) and color.contrast == (0.6, 1.4)
+    assert color.saturation == (0.6, 1.4) and color.hue == (-0.1, 0.1)
+    assert gray.p == 0.2
+
+
+def test_single_channel_recipe_keeps_brightness_and_contrast_only() -> None:
+    steps = view_transform(AugmentConfig(), channels=1).transforms
+    assert len(steps) == 3  # no grayscale
+    color = steps[2].transforms[0]
+    assert color.brightness is not None and color.contrast is not None
+    assert color.saturation is None and color.hue is None
+
+
+def test_view_transform_rejects_two_channels() -> None:
+    with pytest.raises(DataError, match="1 or 3 channels"):
+        view_transform(AugmentConfig(), channels=2)
+
+
+def test_multi_view_transform_gives_one_view_per_transform() -> None:
+    views = multi_view_transform(AugmentConfig(views=5), 3)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    assert len(views) == 5 and all(v.shape == (3, 16, 16) for v in views)
+    assert isinstance(multi_view_transform(), MultiViewTransform)
+    with pytest.raises(ValueError):
+        MultiViewTransform([])
+
+
+def test_parameters_file_parses() -> None:
+    values = yaml.safe_load((ROOT / "conf/base/parameters_augment.yml").read_text())["augment"]
+    from imsvd.config import parse
+
+    assert parse(AugmentConfig, values, "augment") == AugmentConfig()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_cache_shape_and_manifest_on_digits(
+    tmp_path: Path, digits: np.ndarray, digits_rgb: np.ndarray, rgb: bool
+) -> None:
+    images = (digits_rgb if rgb else digits)[:200]
+    cfg = config(tmp_path, size=16)
+    result = build_view_cache(images, "fp", cfg, progress=False)
+    channels = images.shape[-1]
+    assert not result.reused
+    manifest = result.manifest
+    assert manifest["shape"] == [200, 4, channels, 16, 16]
+    assert manifest["dtype"] == "uint8" and manifest["format_version"] == augment.FORMAT_VERSION
+    assert manifest["fingerprint"] == "fp" and manifest["seed"] == 0
+    assert manifest["params"]["views"] == 4 and manifest["params"]["jitter"] == [0.4, 0.4, 0.4, 0.1]
+    assert manifest["sha256"] == augment.sha256_file(result.array_path)
+    assert json.loads(cache_paths(cfg)[1].read_text()) == manifest
+    views = open_view_cache(cfg, "fp")
+    assert isinstance(views, np.memmap) and views.shape == (200, 4, channels, 16, 16)
+    assert views.dtype == np.uint8
+    # Views of one image differ, and they are not blank.
+    assert not np.array_equal(views[0, 0], views[0, 1])
+    assert views.max() > 0
+
+
+def test_cache_matches_direct_augmentation(tmp_path: Path, digits_rgb: np.ndarray) -> None:
+    cfg = config(tmp_path, seed=7)
+    build_view_cache(digits_rgb[:20], "fp", cfg, progress=False)
+    direct = augment.augment_images(digits_rgb[:20], range(20), multi_view_transform(cfg, 3), 7)
+    assert np.array_equal(np.asarray(open_view_cache(cfg, "fp")), direct)
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_deterministic_for_any_number_of_workers(
+    tmp_path: Path, digits: np.ndarray, digits_rgb: np.ndarray, rgb: bool
+) -> None:
+    images = (digits_rgb if rgb else digits)[:120]
+    one = build_view_cache(images, "fp", config(tmp_path / "one", workers=1), progress=False)
+    two = build_view_cache(images, "fp", config(tmp_path / "two", workers=2), progress=False)
+    assert one.array_path.read_bytes() == two.array_path.read_bytes()
+    assert one.manifest == two.manifest
+
+
+def test_build_leaves_the_global_rng_alone(tmp_path: Path, digits: np.ndarray) -> None:
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    build_view_cache(digits[:10], "fp", config(tmp_path), progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
+
+
+def test_second_build_reuses_without_work(
+    tmp_path: Path, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(tmp_path)
+    first = build_view_cache(digits[:50], "fp", cfg, progress=False)
+    before = os.stat(first.array_path)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("augmentation ran on a valid cache")
+
+    monkeypatch.setattr(augment, "_fill", no_work)
+    # workers and progress do not change the stored bytes, so they do not force a rebuild.
+    second = build_view_cache(digits[:50], "fp", config(tmp_path, workers=2), progress=False)
+    after = os.stat(second.array_path)
+    assert second.reused and second.reason == "valid"
+    assert second.manifest == first.manifest
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"seed": 1}, "seed"),
+        ({"views": 3}, "params"),
+        ({"size": 12}, "params"),
+        ({"hflip_p": 0.0}, "params"),
+        ({"solarize_p": 0.2}, "params"),
+    ],
+)
+def test_rebuilt_when_seed_or_params_change(
+    tmp_path: Path, digits: np.ndarray, change: dict, key: str
+) -> None:
+    first = build_view_cache(digits[:30], "fp", config(tmp_path), progress=False)
+    cfg = config(tmp_path, **change)
+    assert open_view_cache(cfg, "fp") is None
+    second = build_view_cache(digits[:30], "fp", cfg, progress=False)
+    assert not second.reused and second.reason.startswith(f"{key} changed")
+    assert second.manifest["sha256"] != first.manifest["sha256"]
+    assert open_view_cache(cfg, "fp") is not None
+    assert open_view_cache(config(tmp_path), "fp") is None  # one cache per folder
+
+
+def test_rebuilt_when_data_changes(tmp_path: Path, digits: np.ndarray) -> None:
+    cfg = config(tmp_path)
+    build_view_cache(digits[:30], "fp-a", cfg, progress=False)
+    assert open_view_cache(cfg, "fp-b") is None
+    second = build_view_cache(digits[30:60], "fp-b", cfg, progress=False)
+    assert not second.reused and second.reason.startswith("fingerprint changed")
+    assert open_view_cache(cfg, "fp-b") is not None
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 64)
+
+
+def _rewrite_header(path: Path) -> None:
+    # Same bytes, but the header claims a different shape (N and V swapped).
+    views = np.load(path)
+    np.save(path, views.reshape(views.shape[1], views.shape[0], *views.shape[2:]))
+
+
+@pytest.mark.parametrize("damage", [_flip_bytes, _truncate, _rewrite_header, lambda p: p.unlink()])
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path: Path, digits: np.ndarray, damage) -> None:
+    cfg = config(tmp_path)
+    first = build_view_cache(digits[:40], "fp", cfg, progress=False)
+    good = first.array_path.read_bytes()
+    damage(first.array_path)
+    manifest, reason = check_view_cache(cfg, "fp")
+    assert manifest is None and reason
+    assert open_view_cache(cfg, "fp") is None
+    second = build_view_cache(digits[:40], "fp", cfg, progress=False)
+    assert not second.reused
+    assert second.array_path.read_bytes() == good
+
+
+def test_bad_manifest_is_not_trusted(tmp_path: Path, digits: np.ndarray) -> None:
+    cfg = config(tmp_path)
+    build_view_cache(digits[:10], "fp", cfg, progress=False)
+    cache_paths(cfg)[1].write_text("{not json")
+    assert open_view_cache(cfg, "fp") is None
+    assert not build_view_cache(digits[:10], "fp", cfg, progress=False).reused
+
+
+def test_leftover_temporary_file_is_not_a_cache(tmp_path: Path, digits: np.ndarray) -> None:
+    cfg = config(tmp_path)
+    folder = Path(cfg.cache_dir)
+    folder.mkdir(parents=True)
+    # What a killed build leaves: a complete-looking array under its temporary name.
+    leftover = folder / f".{augment.ARRAY_NAME}.abc123.tmp"
+    np.save(leftover.with_suffix(".npy"), np.zeros((10, 4, 1, 16, 16), np.uint8))
+    leftover.with_suffix(".npy").rename(leftover)
+    assert open_view_cache(cfg, "fp") is None
+    result = build_view_cache(digits[:10], "fp", cfg, progress=False)
+    assert not result.reused and not leftover.exists()
+    assert [p.name for p in folder.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_rejects_bad_images(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="uint8"):
+        build_view_cache(np.zeros((4, 8, 8, 1), np.float32), "fp", config(tmp_path))
+    with pytest.raises(DataError, match="C in"):
+        build_view_cache(np.zeros((4, 8, 8, 2), np.uint8), "fp", config(tmp_path))
+
+
+@pytest.mark.slow
+def test_killed_build_leaves_no_valid_cache(tmp_path: Path, digits: np.ndarray) -> None:
+    psutil = pytest.importorskip("psutil")
+    images = digits[:600]
+    images_path = tmp_path / "images.npy"
+    np.save(images_path, images)
+    cfg = config(tmp_path, views=8, size=32, workers=2)
+    folder = Path(cfg.cache_dir)
+    # A real build in its own process; each chunk is slowed down (the patched function is
+    # inherited by the forked workers) so the kill surely lands mid-way on a busy machine.
+    script = (
+        "import time\n"
+        "import numpy as np\n"
+        "from imsvd import augment\n"
+        "from imsvd.config import AugmentConfig\n"
+        "draw = augment.augment_images\n"
+        "augment.augment_images = lambda *a: (time.sleep(0.2), draw(*a))[1]\n"
+        f"images = np.load({str(images_path)!r})\n"
+        f"cfg = AugmentConfig(views=8, size=32, workers=2, cache_dir={cfg.cache_dir!r})\n"
+        "augment.build_view_cache(images, 'fp', cfg, progress=False)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(folder.glob("*.tmp")):
+            assert process.poll() is None, "the build ended before it could be killed"
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # mid-way: workers are writing views
+        assert process.poll() is None, "the build finished before it could be killed: give it more work"
+        workers = psutil.Process(process.pid).children()
+        assert len(workers) == 2
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=10) == -signal.SIGKILL
+        # The workers die with the build (PR_SET_PDEATHSIG) instead of lingering.
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert list(folder.glob("*.tmp")), "the killed build should have left its temporary file"
+    assert not cache_paths(cfg)[1].exists()
+    assert open_view_cache(cfg, "fp") is None
+    result = build_view_cache(images, "fp", cfg, progress=False)
+    assert not result.reused
+    assert open_view_cache(cfg, "fp") is not None
+    assert list(folder.glob("*.tmp")) == []
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _labelled_views(n: int, v: int) -> np.ndarray:
+    """(n, v, 1, 2, 2) views whose pixels encode (image, view) as ``image * v + view``."""
+    codes = np.arange(n * v, dtype=np.int64).reshape(n, v) % 256
+    return np.broadcast_to(codes[:, :, None, None, None], (n, v, 1, 2, 2)).astype(np.uint8)
+
+
+def test_pair_indices_are_two_different_views() -> None:
+    first, second = pair_indices(0, 0, np.arange(10_000), 3)
+    assert np.all(first != second)
+    assert set(first.tolist()) == {0, 1, 2} and set(second.tolist()) == {0, 1, 2}
+    # Every ordered pair of two different views turns up about equally often.
+    pairs, counts = np.unique(first * 3 + second, return_counts=True)
+    assert len(pairs) == 6 and counts.min() > 0.8 * counts.max()
+
+
+def test_cached_pairs_are_two_views_of_the_same_image() -> None:
+    views = _labelled_views(40, 4)
+    dataset = CachedPairDataset(views, seed=3)
+    assert len(dataset) == 40
+    for index in range(40):
+        a, b = dataset[index]
+        assert a.shape == (1, 2, 2) and a.dtype == torch.uint8
+        code_a, code_b = int(a[0, 0, 0]), int(b[0, 0, 0])
+        assert code_a // 4 == code_b // 4 == index
+        assert code_a != code_b
+
+
+def test_cached_pairs_change_across_epochs_and_are_reproducible() -> None:
+    views = _labelled_views(60, 8)
+    dataset = CachedPairDataset(views, seed=0)
+
+    def epoch_pairs(epoch: int) -> list[tuple[int, int]]:
+        dataset.set_epoch(epoch)
+        return [(int(a[0, 0, 0]), int(b[0, 0, 0])) for a, b in (dataset[i] for i in range(60))]
+
+    first, second = epoch_pairs(0), epoch_pairs(1)
+    assert first != second
+    assert sum(p != q for p, q in zip(first, second, strict=True)) > 30
+    assert epoch_pairs(0) == first
+    assert [(int(a[0, 0, 0]), int(b[0, 0, 0])) for a, b in CachedPairDataset(views, seed=1)] != first
+
+
+def test_cached_pairs_through_a_dataloader_with_workers() -> None:
+    views = _labelled_views(50, 4)
+    dataset = CachedPairDataset(views, seed=5)
+    dataset.set_epoch(2)
+    expected = [dataset[i] for i in range(50)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=2)
+    a, b = (torch.cat(parts) for parts in zip(*loader, strict=True))
+    assert a.shape == (50, 1, 2, 2)
+    assert torch.equal(a, torch.stack([e[0] for e in expected]))
+    assert torch.equal(b, torch.stack([e[1] for e in expected]))
+
+
+def test_cached_dataset_rejects_one_view() -> None:
+    with pytest.raises(DataError):
+        CachedPairDataset(np.zeros((4, 1, 1, 2, 2), np.uint8), seed=0)
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_on_the_fly_pairs(digits: np.ndarray, digits_rgb: np.ndarray, rgb: bool) -> None:
+    images = (digits_rgb if rgb else digits)[:20]
+    dataset = OnTheFlyPairDataset(images, AugmentConfig(size=16), seed=0)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    a, b = dataset[3]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.shape == b.shape == (images.shape[-1], 16, 16) and a.dtype == torch.uint8
+    assert not torch.equal(a, b)
+    again = dataset[3]
+    assert torch.equal(again[0], a) and torch.equal(again[1], b)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[3][0], a)
+
+
+def test_pair_dataset_prefers_a_valid_cache(tmp_path: Path, digits: np.ndarray) -> None:
+    cfg = config(tmp_path)
+    images = digits[:30]
+    dataset, kind = pair_dataset(images, "fp", cfg, use_cache=True, seed=0)
+    assert kind == "on-the-fly" and isinstance(dataset, OnTheFlyPairDataset)
+    build_view_cache(images, "fp", cfg, progress=False)
+    dataset, kind = pair_dataset(images, "fp", cfg, use_cache=True, seed=0)
+    assert kind == "cache" and isinstance(dataset, CachedPairDataset)
+    a, b = dataset[0]
+    assert a.shape == (1, 16, 16)
+    assert pair_dataset(images, "fp", cfg, use_cache=False, seed=0)[1] == "on-the-fly"
+    assert pair_dataset(images, "other", cfg, use_cache=True, seed=0)[1] == "on-the-fly"
+
+
+# --------------------------------------------------------------------------- device side
+
+
+def test_channel_stats_match_numpy(digits_rgb: np.ndarray) -> None:
+    mean, std = channel_stats(digits_rgb, chunk=100)
+    pixels = digits_rgb.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-8)
+    assert len(channel_stats(digits_rgb[..., :1])[0]) == 1
+
+
+def test_normalize() -> None:
+    batch = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    out = normalize(batch, (0.2,), (0.5,))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.flatten(), torch.tensor([-0.4, 0.0, 1.6]))
+
+
+def test_random_hflip_is_per_image_and_seeded() -> None:
+    batch = torch.arange(64 * 3 * 2 * 4, dtype=torch.int64).view(64, 3, 2, 4).to(torch.uint8)
+    out = random_hflip(batch, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, b.flip(-1)) for o, b in zip(out, batch, strict=True)])
+    kept = torch.tensor([torch.equal(o, b) for o, b in zip(out, batch, strict=True)])
+    assert torch.all(flipped ^ kept)
+    assert 10 < int(flipped.sum()) < 54
+    assert torch.equal(out, random_hflip(batch, torch.Generator().manual_seed(0)))
+
+
+# --------------------------------------------------------------------------- node and pipeline
+
+
+def _image_data(images: np.ndarray, n_train: int) -> ImageData:
+    n = len(images)
+    splits = np.array(["train"] * n_train + ["test"] * (n - n_train))
+    return ImageData(images, np.zeros(n, np.int64), splits, np.array([f"d/{i}" for i in range(n)]), ("x",))
+
+
+def test_node_builds_from_the_training_split(tmp_path: Path, digits: np.ndarray) -> None:
+    from imsvd_pipelines.augment.nodes import build_view_cache as node
+
+    data = _image_data(digits[:40], n_train=30)
+    params = {"views": 3, "workers": 1, "cache_dir": str(tmp_path / "cache")}
+    manifest = node(data, params)
+    assert manifest["shape"] == [30, 3, 1, 16, 16]
+    assert manifest["fingerprint"] == data.fingerprint
+    assert node(data, params) == manifest
+
+
+def test_node_refuses_bad_input(tmp_path: Path, digits: np.ndarray) -> None:
+    from imsvd_pipelines.augment.nodes import build_view_cache as node
+
+    params = {"cache_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="augment.view"):
+        node(_image_data(digits[:4], 3), {"view": 2})
+    with pytest.raises(DataError, match="ImageData"):
+        node(digits[:4], params)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="at least 2"):
+        node(_image_data(digits[:4], 1), params)
+    two_channels = _image_data(np.zeros((4, 8, 8, 2), np.uint8), 3)
+    with pytest.raises(DataError, match="C 1 or 3"):
+        node(two_channels, params)
+
+
+def test_pipeline_runs_on_a_real_catalog(tmp_path: Path, digits: np.ndarray) -> None:
+    from imsvd_pipelines.augment import create_pipeline
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.runner import SequentialRunner
+
+    from imsvd.kedro_datasets import AtomicJSONDataset, ImageArraysDataset
+
+    pipeline = create_pipeline()
+    assert [n.name for n in pipeline.nodes] == ["build_view_cache"]
+    assert pipeline.inputs() == {"validated_images", "params:augment"}
+    assert pipeline.outputs() == {"view_cache_manifest"}
+    images = ImageArraysDataset(filepath=str(tmp_path / "images.npz"))
+    data = _image_data(digits[:20], n_train=16)
+    images.save(data)
+    manifest_path = tmp_path / "view_cache.json"
+    catalog = DataCatalog(
+        {
+            "validated_images": images,
+            "params:augment": MemoryDataset({"views": 2, "workers": 1, "cache_dir": str(tmp_path / "c")}),
+            "view_cache_manifest": AtomicJSONDataset(filepath=str(manifest_path)),
+        }
+    )
+    SequentialRunner().run(pipeline, catalog)
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["shape"] == [16, 2, 1, 16, 16] and manifest["fingerprint"] == data.fingerprint
