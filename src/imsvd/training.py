@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from imsvd.augment import normalize, random_hflip
 from imsvd.checkpoints import AtomicCheckpointIO, load_weights
 from imsvd.config import PretrainConfig
-from imsvd.distributed import PortableSyncBatchNormPlugin
+from imsvd.distributed import SyncBatchNormPlugin
 from imsvd.errors import TrainingError, UntrustedFileError
 from imsvd.losses import loss_for_method
 from imsvd.models import build_encoder
@@ -121,7 +121,7 @@ class PretrainModule(L.LightningModule):
         terms = self.loss_fn(self.gather(z1).float(), self.gather(z2).float())
         bad = [name for name, value in terms._asdict().items() if not torch.isfinite(value).all()]
         if bad:
-            values = ", ".join(f"{name}={float(getattr(terms, name))}" for name in bad)
+            values = ", ".join(f"{name}={float(getattr(terms, name).detach())}" for name in bad)
             raise TrainingError(
                 f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {values}; "
                 f"training stopped, the last good checkpoint in {self.cfg.checkpoint_dir} is kept "
@@ -143,6 +143,12 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, param in self.encoder.named_parameters():
+            if not torch.isfinite(param).all():
+                raise TrainingError(
+                    f"weights became non-finite ({name}) at step {self.global_step}: checkpoint not written; "
+                    f"the last good checkpoint in {self.cfg.checkpoint_dir} is kept (check pretrain.base_lr)"
+                )
         checkpoint["imsvd_identity"] = self.identity.as_dict()
 
 
@@ -255,11 +261,6 @@ def resume_checkpoint(cfg: PretrainConfig, identity: RunIdentity) -> Path | None
     return path
 
 
-def _clear_checkpoints(directory: Path) -> None:
-    for name in (LAST, BEST):
-        (directory / name).unlink(missing_ok=True)
-
-
 def resolve_precision(cfg: PretrainConfig) -> str:
     """``auto``: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32 on CPU."""
     if cfg.precision != "auto":
@@ -325,9 +326,9 @@ def pretrain(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = Path(cfg.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # A checkpoint that is not resumed stays until this run's first epoch replaces it, so
+    # a run that fails early (bad lr, Ctrl-C) loses none of the earlier results.
     resume = resume_checkpoint(cfg, identity)
-    if resume is None:
-        _clear_checkpoints(ckpt_dir)
     resumed_epoch = int(load_weights(resume).get("epoch", -1)) + 1 if resume else None
 
     world = cfg.num_nodes * (int(cfg.devices) if cfg.devices.isdigit() else 1)
@@ -375,7 +376,7 @@ def pretrain(
         limit_train_batches=steps,
         logger=logger,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO(), PortableSyncBatchNormPlugin()],
+        plugins=[AtomicCheckpointIO(), SyncBatchNormPlugin()],
         enable_progress_bar=interactive,
         enable_model_summary=False,
         log_every_n_steps=cfg.log_every_n_steps,

@@ -1,0 +1,186 @@
+"""Pretraining on tiny real data: the loss falls, checkpoints resume only when they should,
+a non-finite loss stops the run, and untrusted checkpoints are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from imsvd.augment import build_view_cache, channel_stats, pair_dataset
+from imsvd.checkpoints import load_weights
+from imsvd.config import AugmentConfig, PretrainConfig
+from imsvd.errors import TrainingError, UntrustedFileError
+from imsvd.optim import LARS, warmup_cosine
+from imsvd.training import LAST, RunIdentity, encoder_payload, load_encoder, pretrain
+
+STEPS_PER_EPOCH = 4  # 256 images, batch 64
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    return (load_digits().images * (255 / 16)).round().astype(np.uint8)[..., None][:256]
+
+
+@pytest.fixture(scope="module")
+def pairs(digits, tmp_path_factory):
+    aug = AugmentConfig(size=8, views=4, cache_dir=str(tmp_path_factory.mktemp("views")))
+    build_view_cache(digits, "digits-fp", aug, progress=False)
+    dataset, source = pair_dataset(digits, "digits-fp", aug, use_cache=True, seed=0)
+    assert source == "cache"
+    return dataset
+
+
+def tiny(tmp_path: Path, **overrides) -> PretrainConfig:
+    values = dict(
+        width=0.125,
+        projector="128-128",
+        bin_size=16,
+        epochs=2,
+        batch_size=64,
+        base_lr=1.6,
+        warmup_epochs=0.0,
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        accelerator="cpu",
+        devices="1",
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def run(pairs, digits, cfg, fingerprint="digits-fp"):
+    mean, std = channel_stats(digits)
+    return pretrain(pairs, "cache", 1, mean, std, cfg, RunIdentity.of(cfg, {}, fingerprint))
+
+
+def test_loss_falls_and_every_term_is_logged(pairs, digits, tmp_path):
+    result = run(pairs, digits, tiny(tmp_path, epochs=6))
+    history = result.history
+    assert {"total", "diagonal", "off_block", "invariance", "lr", "images_per_second"} <= set(history.columns)
+    per_epoch = history.groupby("epoch")["total"].mean()
+    assert len(per_epoch) == 6
+    assert per_epoch.iloc[-1] < per_epoch.iloc[0] - 0.05
+    np.testing.assert_allclose(
+        history["total"], history["diagonal"] + history["off_block"] + history["invariance"], rtol=1e-5
+    )
+    assert (history["images_per_second"] > 0).all()
+    assert (Path(tmp_path / "checkpoints") / LAST).is_file()
+    assert (Path(tmp_path / "checkpoints") / "best.ckpt").is_file()
+
+
+def test_rerun_resumes_from_last_checkpoint(pairs, digits, tmp_path, caplog):
+    first = run(pairs, digits, tiny(tmp_path, epochs=1))
+    assert first.resumed_from_epoch is None
+    caplog.set_level(logging.INFO, logger="imsvd.training")
+    second = run(pairs, digits, tiny(tmp_path, epochs=3))
+    assert second.resumed_from_epoch == 1
+    assert "resuming from" in caplog.text and "at epoch 1" in caplog.text
+    # the history spans the epochs before and after the interruption, with every step once
+    assert second.history["step"].tolist() == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+    assert int(load_weights(Path(tmp_path / "checkpoints") / LAST)["global_step"]) == 3 * STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"temperature": 0.5}, "different parameters"),
+        ({"resume": False}, "pretrain.resume=false"),
+    ],
+)
+def test_resume_only_with_same_parameters(pairs, digits, tmp_path, caplog, change, reason):
+    run(pairs, digits, tiny(tmp_path, epochs=1))
+    caplog.set_level(logging.INFO, logger="imsvd.training")
+    again = run(pairs, digits, tiny(tmp_path, epochs=1, **change))
+    assert again.resumed_from_epoch is None
+    assert reason in caplog.text
+
+
+def test_resume_only_with_same_data(pairs, digits, tmp_path, caplog):
+    run(pairs, digits, tiny(tmp_path, epochs=1))
+    caplog.set_level(logging.INFO, logger="imsvd.training")
+    again = run(pairs, digits, tiny(tmp_path, epochs=1), fingerprint="other-data")
+    assert again.resumed_from_epoch is None
+    assert "different data" in caplog.text
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(pairs, digits, tmp_path):
+    run(pairs, digits, tiny(tmp_path, epochs=1))
+    last = Path(tmp_path / "checkpoints") / LAST
+    before = last.read_bytes()
+    with pytest.raises(TrainingError) as info:
+        run(pairs, digits, tiny(tmp_path, epochs=2, base_lr=1e30))
+    message = str(info.value)
+    assert "step" in message and "pretrain.base_lr" in message
+    assert last.read_bytes() == before
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_with_pickled_code_is_refused(pairs, digits, tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    with open(folder / LAST, "wb") as handle:
+        torch.save({"epoch": 0, "evil": _Payload(str(marker))}, handle, pickle_module=pickle)
+    with pytest.raises(UntrustedFileError, match="last.ckpt"):
+        run(pairs, digits, tiny(tmp_path, epochs=1))
+    assert not marker.exists()
+
+
+def test_encoder_payload_round_trips_with_weights_only(pairs, digits, tmp_path):
+    result = run(pairs, digits, tiny(tmp_path, epochs=1))
+    payload = encoder_payload(result, image_size=8, extra={"data_fingerprint": "digits-fp"})
+    path = tmp_path / "encoder.pt"
+    torch.save(payload, path)
+    encoder, loaded = load_encoder(load_weights(path))
+    x = torch.randn(5, 1, 8, 8)
+    result.module.encoder.eval()
+    torch.testing.assert_close(encoder(x)[1], result.module.encoder(x)[1])
+    assert loaded["data_fingerprint"] == "digits-fp"
+
+
+def test_encoder_from_another_architecture_is_refused(pairs, digits, tmp_path):
+    result = run(pairs, digits, tiny(tmp_path, epochs=1))
+    payload = encoder_payload(result, image_size=8, extra={})
+    payload["config"] = dataclasses.asdict(tiny(tmp_path, width=0.25))
+    with pytest.raises(UntrustedFileError, match="do not match the architecture"):
+        load_encoder(payload)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    assert warmup_cosine(0, 10, 100, 0.001) == 0.0
+    assert warmup_cosine(5, 10, 100, 0.001) == pytest.approx(0.5)
+    assert warmup_cosine(10, 10, 100, 0.001) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.001) == pytest.approx(0.5 + 0.5 * 0.001)
+    assert warmup_cosine(100, 10, 100, 0.001) == pytest.approx(0.001)
+    values = [warmup_cosine(s, 10, 100, 0.001) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_lars_skips_decay_and_adaptation_for_biases_and_norms():
+    weight = torch.nn.Parameter(torch.ones(3, 3))
+    bias = torch.nn.Parameter(torch.ones(3))
+    optimizer = LARS([weight, bias], lr=1.0, weight_decay=0.5, momentum=0.0, eta=0.001)
+    weight.grad = torch.ones(3, 3)
+    bias.grad = torch.ones(3)
+    optimizer.step()
+    torch.testing.assert_close(bias.detach(), torch.zeros(3))  # plain SGD step: 1 - 1*1
+    # weight: trust ratio eta*|w|/|g + wd*w| scales the step far below the raw gradient
+    expected = 1.0 - 0.001 * 3.0 / (1.5 * 3.0) * 1.5
+    torch.testing.assert_close(weight.detach(), torch.full((3, 3), expected))
+    assert math.isfinite(float(weight.sum()))
