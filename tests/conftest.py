@@ -45,3 +45,51 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_project(destination: Path) -> Path:
+    """Copy the project's own files (tracked and untracked-not-ignored) to ``destination``.
+
+    Generated data, the virtual environment and local stores stay behind, so the copy is
+    what a fresh clone would hold plus the working tree's uncommitted edits.
+    """
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for relative in filter(None, listed.split("\0")):
+        source = REPO / relative
+        if source.is_file():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return destination
+
+
+def kedro_env(project: Path) -> dict[str, str]:
+    """Environment for a ``kedro run`` subprocess: no telemetry, wide plain logs, local MLflow."""
+    import os
+
+    env = dict(os.environ)
+    env.update(
+        KEDRO_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="1",
+        COLUMNS="250",
+        MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh copy of the project to run ``kedro`` in."""
+    return copy_project(tmp_path / "project")

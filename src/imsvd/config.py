@@ -304,3 +304,23 @@ class EvaluateConfig:
         _check(self.knn_temperature > 0, "evaluate.knn_temperature", "must be positive")
         _check(self.linear_epochs >= 1, "evaluate.linear_epochs", "must be at least 1")
         _check(self.matrix_blocks >= 1, "evaluate.matrix_blocks", "must be at least 1")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "validate": ValidateConfig,
+    "augment": AugmentConfig,
+    "pretrain": PretrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def check_sections(params: Mapping[str, Any]) -> None:
+    """Parse every known section of ``params`` (Kedro's merged parameters).
+
+    Raises:
+        ConfigError: naming the first bad parameter.
+    """
+    for name, cls in SECTIONS.items():
+        if name in params:
+            parse(cls, params[name], name)

@@ -32,6 +32,17 @@ def _is_worker_rank() -> bool:
     return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
+class ParameterCheckHook:
+    """Parses every parameter section into its typed config before any dataset is read,
+    so a typo or a bad value stops ``kedro run`` at once, naming the parameter."""
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        from imsvd.config import check_sections
+
+        check_sections(context.params)
+
+
 class LockHook:
     """One ``kedro run`` at a time per project: a second one refuses with a clear message.
 

@@ -2,10 +2,10 @@
 
 from kedro.config import OmegaConfigLoader
 
-from imsvd.hooks import LockHook, MlflowTrackingHook
+from imsvd.hooks import LockHook, MlflowTrackingHook, ParameterCheckHook
 
-# Order matters: the lock is taken before MLflow opens its run and released after it ends.
-HOOKS = (LockHook(), MlflowTrackingHook())
+# Parameters are checked before anything else; the lock is taken before MLflow opens its run.
+HOOKS = (ParameterCheckHook(), LockHook(), MlflowTrackingHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
