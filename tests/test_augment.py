@@ -456,30 +456,41 @@ def _image_data(images: np.ndarray, n_train: int) -> ImageData:
     return ImageData(images, np.zeros(n, np.int64), splits, np.array([f"d/{i}" for i in range(n)]), ("x",))
 
 
+def _passed(data: object) -> dict:
+    """A successful validation report for ``data``."""
+    return {"success": True, "fingerprint": getattr(data, "fingerprint", None)}
+
+
 def test_node_builds_from_the_training_split(tmp_path: Path, digits: np.ndarray) -> None:
     from imsvd_pipelines.augment.nodes import build_view_cache as node
 
     data = _image_data(digits[:40], n_train=30)
     params = {"views": 3, "workers": 1, "cache_dir": str(tmp_path / "cache")}
-    manifest = node(data, params)
+    manifest = node(data, _passed(data), params)
     assert manifest["shape"] == [30, 3, 1, 16, 16]
     assert manifest["fingerprint"] == data.fingerprint
-    assert node(data, params) == manifest
+    assert node(data, _passed(data), params) == manifest
 
 
 def test_node_refuses_bad_input(tmp_path: Path, digits: np.ndarray) -> None:
     from imsvd_pipelines.augment.nodes import build_view_cache as node
 
     params = {"cache_dir": str(tmp_path)}
+    good = _image_data(digits[:4], 3)
     with pytest.raises(ConfigError, match="augment.view"):
-        node(_image_data(digits[:4], 3), {"view": 2})
-    with pytest.raises(DataError, match="ImageData"):
-        node(digits[:4], params)  # type: ignore[arg-type]
+        node(good, _passed(good), {"view": 2})
+    with pytest.raises(DataError, match="image data"):
+        node(digits[:4], _passed(None), params)  # type: ignore[arg-type]
+    one_train = _image_data(digits[:4], 1)
     with pytest.raises(DataError, match="at least 2"):
-        node(_image_data(digits[:4], 1), params)
+        node(one_train, _passed(one_train), params)
     two_channels = _image_data(np.zeros((4, 8, 8, 2), np.uint8), 3)
     with pytest.raises(DataError, match="C 1 or 3"):
-        node(two_channels, params)
+        node(two_channels, _passed(two_channels), params)
+    with pytest.raises(DataError, match="last validation failed"):
+        node(good, {"success": False, "message": "bad"}, params)
+    with pytest.raises(DataError, match="fingerprints differ"):
+        node(good, _passed(one_train), params)
 
 
 def test_pipeline_runs_on_a_real_catalog(tmp_path: Path, digits: np.ndarray) -> None:
@@ -491,7 +502,7 @@ def test_pipeline_runs_on_a_real_catalog(tmp_path: Path, digits: np.ndarray) -> 
 
     pipeline = create_pipeline()
     assert [n.name for n in pipeline.nodes] == ["build_view_cache"]
-    assert pipeline.inputs() == {"validated_images", "params:augment"}
+    assert pipeline.inputs() == {"validated_images", "validation_report", "params:augment"}
     assert pipeline.outputs() == {"view_cache_manifest"}
     images = ImageArraysDataset(filepath=str(tmp_path / "images.npz"))
     data = _image_data(digits[:20], n_train=16)
@@ -500,6 +511,7 @@ def test_pipeline_runs_on_a_real_catalog(tmp_path: Path, digits: np.ndarray) -> 
     catalog = DataCatalog(
         {
             "validated_images": images,
+            "validation_report": MemoryDataset(_passed(data)),
             "params:augment": MemoryDataset({"views": 2, "workers": 1, "cache_dir": str(tmp_path / "c")}),
             "view_cache_manifest": AtomicJSONDataset(filepath=str(manifest_path)),
         }

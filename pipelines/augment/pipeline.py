@@ -15,7 +15,7 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
         [
             Node(
                 build_view_cache,
-                inputs=["validated_images", "params:augment"],
+                inputs=["validated_images", "validation_report", "params:augment"],
                 outputs="view_cache_manifest",
                 name="build_view_cache",
             )

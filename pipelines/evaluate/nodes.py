@@ -11,15 +11,18 @@ from imsvd.config import EvaluateConfig, parse
 from imsvd.data import ImageData
 from imsvd.errors import DataError
 from imsvd.evaluate import Embeddings
+from imsvd.validation import require_validated
 
 
 def embed_images(
-    validated_images: ImageData, encoder: dict[str, Any], evaluate_params: dict[str, Any]
+    validated_images: ImageData,
+    validation_report: dict[str, Any],
+    encoder: dict[str, Any],
+    evaluate_params: dict[str, Any],
 ) -> Embeddings:
     """Frozen features of train and test images (trained and random encoder)."""
     cfg = parse(EvaluateConfig, evaluate_params, "evaluate")
-    if not isinstance(validated_images, ImageData):
-        raise DataError(f"evaluate: expected validated images, got {type(validated_images).__name__}")
+    require_validated(validated_images, validation_report, "evaluate")
     if not isinstance(encoder, dict) or "state_dict" not in encoder:
         raise DataError("evaluate: the encoder file holds no 'state_dict': run the pretrain pipeline first")
     channels = encoder.get("in_channels")

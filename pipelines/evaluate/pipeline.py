@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 embed_images,
-                inputs=["validated_images", "encoder", "params:evaluate"],
+                inputs=["validated_images", "validation_report", "encoder", "params:evaluate"],
                 outputs="embeddings",
                 name="embed_images",
             ),

@@ -11,27 +11,17 @@ from matplotlib.figure import Figure
 from imsvd.augment import channel_stats, pair_dataset
 from imsvd.config import AugmentConfig, PretrainConfig, parse
 from imsvd.data import TRAIN, ImageData
-from imsvd.errors import DataError
 from imsvd.plots import loss_curve_figure
 from imsvd.tracking import lightning_logger
 from imsvd.training import RunIdentity, encoder_payload, pretrain
+from imsvd.validation import require_validated
 
 log = logging.getLogger(__name__)
 
 
-def check_images(images: Any, stage: str) -> ImageData:
-    """Refuse input that is not validated image data (no stage trusts its input blindly)."""
-    if not isinstance(images, ImageData):
-        raise DataError(f"{stage}: expected validated images (ImageData), got {type(images).__name__}")
-    if images.images.shape[-1] not in (1, 3):
-        raise DataError(f"{stage}: images must have 1 or 3 channels, got shape {images.images.shape}")
-    if int((images.splits == TRAIN).sum()) < 2:
-        raise DataError(f"{stage}: at least 2 training images are needed")
-    return images
-
-
 def pretrain_encoder(
     validated_images: ImageData,
+    validation_report: dict[str, Any],
     view_cache_manifest: dict[str, Any] | None,
     pretrain_params: dict[str, Any],
     augment_params: dict[str, Any],
@@ -47,7 +37,7 @@ def pretrain_encoder(
     """
     cfg = parse(PretrainConfig, pretrain_params, "pretrain")
     augment = parse(AugmentConfig, augment_params, "augment")
-    data = check_images(validated_images, "pretrain")
+    data = require_validated(validated_images, validation_report, "pretrain")
     train = data.split(TRAIN).images
     fingerprint = data.fingerprint
     use_cache = cfg.use_cache and view_cache_manifest is not None

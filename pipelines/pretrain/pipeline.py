@@ -10,7 +10,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 pretrain_encoder,
-                inputs=["validated_images", "view_cache_manifest", "params:pretrain", "params:augment"],
+                inputs=[
+                    "validated_images",
+                    "validation_report",
+                    "view_cache_manifest",
+                    "params:pretrain",
+                    "params:augment",
+                ],
                 outputs=["encoder", "pretrain_history", "loss_curve_plot"],
                 name="pretrain_encoder",
             )

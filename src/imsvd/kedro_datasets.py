@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 
 from imsvd.data import ImageData
+from imsvd.errors import DataError
 from imsvd.io import atomic_open, atomic_write_bytes
 
 
@@ -42,8 +44,16 @@ class ImageArraysDataset(_FileDataset):
     def load(self) -> ImageData:
         if not self._exists():
             raise self._missing()
-        with np.load(self._filepath, allow_pickle=False) as arrays:
-            return ImageData.from_arrays({k: arrays[k] for k in arrays.files})
+        try:
+            with np.load(self._filepath, allow_pickle=False) as arrays:
+                return ImageData.from_arrays({k: arrays[k] for k in arrays.files})
+        except DataError as exc:
+            raise DataError(f"{self._filepath}: {exc}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(
+                f"{self._filepath} is not a readable image array file ({exc}); "
+                "run `kedro run --pipeline=validate` to rebuild it"
+            ) from None
 
     def save(self, data: ImageData) -> None:
         buffer = io.BytesIO()

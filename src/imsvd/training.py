@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 BEST = "best.ckpt"
+INTERRUPTED = "interrupted.ckpt"
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,29 @@ class History(Callback):
         self.rows = [dict(zip(keys, values, strict=True)) for values in state_dict.get("values", [])]
 
 
+class SaveOnInterrupt(Callback):
+    """Ctrl-C (SIGINT): save the state reached to ``interrupted.ckpt`` before Lightning exits.
+
+    ``last.ckpt`` stays the last complete epoch, which a rerun resumes from, so a resumed
+    run makes exactly as many optimiser steps as an uninterrupted one.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / INTERRUPTED
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            trainer.save_checkpoint(self.path)
+            log.warning(
+                "interrupted at step %d (epoch %d): state saved to %s; rerun to resume from the last complete epoch",
+                trainer.global_step,
+                trainer.current_epoch,
+                self.path,
+            )
+
+
 class PlainProgress(Callback):
     """Periodic log lines for non-interactive runs (CI, ``dvc repro``), where a progress
     bar would only fill the log with carriage returns."""
@@ -351,6 +375,7 @@ def pretrain(
     callbacks: list[Callback] = [
         history,
         _SetEpoch(),
+        SaveOnInterrupt(ckpt_dir),
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best",

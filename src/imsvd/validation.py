@@ -415,3 +415,41 @@ def check_images(
     report["class_names"] = list(data.class_names)
     report["fingerprint"] = data.fingerprint
     return manifest, report
+
+
+def require_validated(images: Any, report: Any, stage: str) -> ImageData:
+    """Refuse images that did not pass the ``validate`` pipeline (no stage trusts its input).
+
+    A later stage reads ``data/03_primary/images.npz``; if that file was put there by
+    hand, left from an older run, or edited, its fingerprint no longer matches the
+    successful validation report, and the stage stops with the validation's own message.
+
+    Args:
+        images: what the catalog loaded as ``validated_images``.
+        report: what the catalog loaded as ``validation_report``.
+        stage: the pipeline asking (named in the messages).
+
+    Raises:
+        DataError: on anything but validated, structurally sound images.
+    """
+    if not isinstance(images, ImageData):
+        raise DataError(f"{stage}: validated_images must be image data, got {type(images).__name__}")
+    array = images.images
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise DataError(
+            f"{stage}: images must be (N, H, W, C) uint8 with C 1 or 3, got {array.dtype} {array.shape}"
+        )
+    if int(np.sum(images.splits == TRAIN)) < 2:
+        raise DataError(f"{stage}: at least 2 training images are needed")
+    if not isinstance(report, dict):
+        raise DataError(f"{stage}: no validation report: run `kedro run --pipeline=validate` first")
+    if not report.get("success"):
+        raise DataError(
+            f"{stage}: the last validation failed: {report.get('message', 'see data/08_reporting/validation.json')}"
+        )
+    if report.get("fingerprint") != images.fingerprint:
+        raise DataError(
+            f"{stage}: data/03_primary/images.npz is not the data the last successful validation "
+            "checked (fingerprints differ): run `kedro run --pipeline=validate` again"
+        )
+    return images
