@@ -357,3 +357,17 @@ def test_non_image_extensions_are_skipped(make_image_folder):
 def test_load_source_image_folder_needs_a_path():
     with pytest.raises(Exception, match=r"data\.path"):
         DataConfig(source="image_folder")
+
+
+def test_subsample_keeps_a_stratified_seeded_subset():
+    from imsvd.config import DataConfig
+    from imsvd.sources import load_source
+
+    full = load_source(DataConfig()).data
+    small = load_source(DataConfig(max_train=200, max_test=50)).data
+    again = load_source(DataConfig(max_train=200, max_test=50)).data
+    assert (small.splits == "train").sum() == 200 and (small.splits == "test").sum() == 50
+    assert np.array_equal(small.ids, again.ids)
+    assert set(small.ids) <= set(full.ids)
+    counts = np.bincount(small.labels[small.splits == "train"], minlength=10)
+    assert counts.min() >= 18 and counts.max() <= 22  # about 20 of each digit

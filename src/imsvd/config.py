@@ -112,8 +112,13 @@ class DataConfig:
     test_size: float = 0.25
     seed: int = 0
     max_image_pixels: int = 50_000_000
+    max_train: int | None = None
+    max_test: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("max_train", "max_test"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"data.{name}", "must be >= 1 or null")
         _check(self.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {self.source!r}")
         _check(0.0 < self.test_size < 1.0, "data.test_size", f"must be in (0, 1), got {self.test_size}")
         _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")

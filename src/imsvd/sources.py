@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
 
 from imsvd.config import DataConfig
 from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
@@ -113,12 +114,34 @@ def load_source(config: DataConfig) -> SourceImages:
             names the file or folder).
     """
     if config.source == "digits":
-        data = load_digits(config.test_size, config.seed)
-        return SourceImages(data, canonical_originals(data))
-    if config.source == "fashion_mnist":
+        source = SourceImages(data := load_digits(config.test_size, config.seed), canonical_originals(data))
+    elif config.source == "fashion_mnist":
         data = load_fashion_mnist(Path(str(config.path)))
-        return SourceImages(data, canonical_originals(data))
-    return load_image_folder(Path(str(config.path)), config.max_image_pixels)
+        source = SourceImages(data, canonical_originals(data))
+    else:
+        source = load_image_folder(Path(str(config.path)), config.max_image_pixels)
+    return subsample(source, config.max_train, config.max_test, config.seed)
+
+
+def subsample(source: SourceImages, max_train: int | None, max_test: int | None, seed: int) -> SourceImages:
+    """At most ``max_train`` / ``max_test`` images per split, drawn seeded and stratified
+    by label (scikit-learn's ``train_test_split``), order kept; ``None`` keeps all."""
+    keep = np.ones(len(source.data.images), dtype=bool)
+    for split, limit in ((TRAIN, max_train), (TEST, max_test)):
+        index = np.flatnonzero(source.data.splits == split)
+        if limit is None or limit >= len(index):
+            continue
+        labels = source.data.labels[index]
+        stratify = labels if len(np.unique(labels)) > 1 and limit >= len(np.unique(labels)) else None
+        chosen, _ = train_test_split(index, train_size=limit, random_state=seed, stratify=stratify)
+        keep[np.setdiff1d(index, chosen)] = False
+    if keep.all():
+        return source
+    data = source.data
+    subset = ImageData(
+        data.images[keep], data.labels[keep], data.splits[keep], data.ids[keep], data.class_names
+    )
+    return SourceImages(subset, tuple(o for o, k in zip(source.originals, keep, strict=True) if k))
 
 
 def canonical_originals(data: ImageData) -> tuple[OriginalImage, ...]:
