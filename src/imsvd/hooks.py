@@ -121,10 +121,12 @@ class MlflowTrackingHook:
         mlflow.set_experiment(
             os.environ.get("MLFLOW_EXPERIMENT_NAME") or self._config.get("experiment_name", "imsvd")
         )
-        name = run_params.get("pipeline_name") or "__default__"
+        # Kedro 1.x passes the selected pipelines as a list under "pipeline_names".
+        names = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
+        name = "+".join(names)
         if mlflow.active_run() is not None:
             mlflow.end_run()
-        mlflow.start_run(run_name=f"kedro-{name}")
+        run = mlflow.start_run(run_name=f"kedro-{name}")
         self._active = True
         revision = git_revision(self._project_path)
         mlflow.set_tags(
@@ -132,14 +134,14 @@ class MlflowTrackingHook:
                 "kedro.pipeline": name,
                 "kedro.session_id": str(run_params.get("run_id") or run_params.get("session_id")),
                 "git.revision": revision,
-                "imsvd.dvc_stage": os.environ.get("IMSVD_DVC_STAGE", ""),
+                "imsvd.dvc_stage": os.environ.get("DVC_STAGE", ""),  # set by DVC for stage commands
             }
         )
         params = flatten(self._params)
         for chunk_start in range(0, len(params), 90):
             keys = list(params)[chunk_start : chunk_start + 90]
             mlflow.log_params({k: params[k] for k in keys})
-        log.info("MLflow run %s in %s", mlflow.active_run().info.run_id, uri)
+        log.info("MLflow run %s in %s", run.info.run_id, uri)
 
     def _tag_data(self, data: Any) -> None:
         if not isinstance(data, ImageData):

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from imsvd.models import Encoder
+
 
 @dataclass(frozen=True)
 class Features:
@@ -54,7 +56,7 @@ def extract_features(
 
 @torch.no_grad()
 def images_per_second(
-    encoder: nn.Module, channels: int, size: int, batch_size: int = 256, repeats: int = 3
+    encoder: Encoder, channels: int, size: int, batch_size: int = 256, repeats: int = 3
 ) -> float:
     """Backbone inference throughput on this machine (median of ``repeats`` batches)."""
     encoder.eval()

@@ -57,7 +57,7 @@ class ImageArraysDataset(_FileDataset):
 
     def save(self, data: ImageData) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, **data.to_arrays())
+        np.savez(buffer, **data.to_arrays())  # type: ignore[arg-type]
         atomic_write_bytes(self._filepath, buffer.getvalue())
 
 

@@ -130,6 +130,9 @@ class Encoder(nn.Module):
         ``forward(x)``: x (N, C, H, W) -> (features (N, F), embedding (N, D)).
     """
 
+    backbone: ResNetBackbone
+    projector: nn.Sequential
+
     def __init__(self, backbone: ResNetBackbone, projector: nn.Sequential) -> None:
         super().__init__()
         self.backbone = backbone

@@ -36,13 +36,27 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def git_revision(path: Path) -> str:
-    """The commit the code is at (``-dirty`` if uncommitted changes), or ``unknown``."""
+    """The commit the code is at (``-dirty`` if uncommitted changes), or ``unknown``.
+
+    Files that DVC rewrites while a reproduction runs (``dvc.lock``, outputs under
+    ``data/``) do not count as changes, so the four stages of one ``dvc repro`` carry
+    the same revision.
+    """
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=path, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)dvc.lock",
+                ":(exclude)data",
+            ],
             cwd=path,
             capture_output=True,
             text=True,

@@ -35,7 +35,7 @@ from imsvd.config import PretrainConfig
 from imsvd.distributed import SyncBatchNormPlugin
 from imsvd.errors import TrainingError, UntrustedFileError
 from imsvd.losses import loss_for_method
-from imsvd.models import build_encoder
+from imsvd.models import Encoder, build_encoder
 from imsvd.optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class PretrainModule(L.LightningModule):
         identity: parameters/data identity stored in every checkpoint.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self,
         cfg: PretrainConfig,
@@ -107,19 +110,21 @@ class PretrainModule(L.LightningModule):
                 self._flip_generator.manual_seed(self.cfg.seed * 1009 + self.global_rank)
             x1 = random_hflip(x1, self._flip_generator)
             x2 = random_hflip(x2, self._flip_generator)
-        return normalize(x1, self.mean, self.std), normalize(x2, self.mean, self.std)
+        # normalize() takes per-channel sequences; the (1, C, 1, 1) buffers broadcast the same way
+        return normalize(x1, self.mean, self.std), normalize(x2, self.mean, self.std)  # type: ignore[arg-type]
 
     def gather(self, z: Tensor) -> Tensor:
         """All ranks' rows, gradients flowing back to each rank (identity on one process)."""
         if self.trainer.world_size == 1:
             return z
-        return self.all_gather(z, sync_grads=True).flatten(0, 1)
+        gathered: Tensor = self.all_gather(z, sync_grads=True)  # type: ignore[assignment]
+        return gathered.flatten(0, 1)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x1, x2 = batch
         _, z1 = self.encoder(x1)
         _, z2 = self.encoder(x2)
-        terms = self.loss_fn(self.gather(z1).float(), self.gather(z2).float())
+        terms: Any = self.loss_fn(self.gather(z1).float(), self.gather(z2).float())
         bad = [name for name, value in terms._asdict().items() if not torch.isfinite(value).all()]
         if bad:
             values = ", ".join(f"{name}={float(getattr(terms, name).detach())}" for name in bad)
@@ -361,7 +366,7 @@ def pretrain(
         _EpochAware(train_dataset),
         batch_size=per_device,
         shuffle=True,
-        drop_last=len(train_dataset) >= per_device,
+        drop_last=len(train_dataset) >= per_device,  # type: ignore[arg-type]
         num_workers=cfg.num_workers,
         persistent_workers=False,  # set_epoch must reach the workers each epoch
         pin_memory=torch.cuda.is_available(),
@@ -453,7 +458,7 @@ class _SetEpoch(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
+        if dataset is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(trainer.current_epoch)
 
 
@@ -480,7 +485,7 @@ def encoder_payload(result: PretrainResult, image_size: int, extra: dict[str, An
     }
 
 
-def load_encoder(payload: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_encoder(payload: dict[str, Any]) -> tuple[Encoder, dict[str, Any]]:
     """Rebuild the encoder from :func:`encoder_payload`'s dict."""
     from imsvd.config import parse
 

@@ -1,0 +1,205 @@
+"""IMSVD against Barlow Twins, VICReg and SimCLR: same harness, same budget, one table.
+
+Every row runs the product's own pipelines with ``kedro run --params`` in a copy of the
+project (so the user's ``data/`` is untouched): ``validate`` and ``augment`` once per
+data set (the view cache is shared by all methods), then ``pretrain`` and ``evaluate``
+per method and seed. Only ``pretrain.method`` (and each method's projector) changes
+between rows: backbone, views, optimiser, epochs, batch and evaluation are shared.
+
+    python bench/compare_methods.py --data digits --epochs 20 --seeds 0 1 2
+    python bench/compare_methods.py --data fashion_mnist --max-train 6000 --max-test 2000 --epochs 10
+    python bench/compare_methods.py --budget gpu ...      # wider backbone, bigger batch
+
+Writes ``bench/results/compare_<data>.md`` (the table) and ``.json`` (every figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("imsvd", "barlow_twins", "vicreg", "simclr")
+# Published heads scaled to a 2-core budget: IMSVD's reference CIFAR projector for the
+# three redundancy-reduction methods; SimCLR's 2-layer head with a 128-d output.
+PROJECTOR = {
+    "imsvd": "1024-1024-1024",
+    "barlow_twins": "1024-1024-1024",
+    "vicreg": "1024-1024-1024",
+    "simclr": "1024-128",
+}
+BUDGETS = {
+    "cpu": {"pretrain.width": 0.25, "pretrain.batch_size": 256, "augment.size": 16},
+    "gpu": {"pretrain.width": 1.0, "pretrain.batch_size": 512, "augment.size": 32, "pretrain.num_workers": 4},
+}
+
+
+def copy_project(destination: Path) -> Path:
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    for relative in filter(None, listed.split("\0")):
+        source = ROOT / relative
+        if source.is_file():
+            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / relative)
+    return destination
+
+
+def kedro(project: Path, pipeline: str, params: dict[str, object]) -> tuple[float, float]:
+    """Run one pipeline; return (wall seconds, peak resident MiB of the process tree)."""
+    text = ",".join(f"{k}={v}" for k, v in params.items())
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", COLUMNS="200")
+    command = [sys.executable, "-m", "kedro", "run", f"--pipeline={pipeline}", "--params", text]
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    peak = [0.0]
+
+    def sample() -> None:
+        parent = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    output, _ = process.communicate()
+    watcher.join()
+    if process.returncode != 0:
+        raise SystemExit(f"kedro run --pipeline={pipeline} failed:\n{output[-4000:]}")
+    return time.perf_counter() - start, peak[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", choices=("digits", "fashion_mnist"), default="digits")
+    parser.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--max-train", type=int)
+    parser.add_argument("--max-test", type=int)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--extra-seed-methods", nargs="*", default=["imsvd"], help="methods run with every seed"
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--budget", choices=tuple(BUDGETS), default="cpu")
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value parameters for every run")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
+    project = copy_project(work / "project")
+    data = {"data.source": args.data}
+    if args.data != "digits":
+        data["data.path"] = args.data_path
+    if args.max_train:
+        data["data.max_train"] = args.max_train
+    if args.max_test:
+        data["data.max_test"] = args.max_test
+    shared = {**data, **BUDGETS[args.budget], "pretrain.epochs": args.epochs, "pretrain.resume": "false"}
+    shared.update(dict(item.split("=", 1) for item in args.set))
+    print(f"work folder {project}; shared parameters {shared}", flush=True)
+    kedro(project, "validate", shared)
+    kedro(project, "augment", shared)
+
+    rows = []
+    for method in args.methods:
+        seeds = args.seeds if method in args.extra_seed_methods else args.seeds[:1]
+        for seed in seeds:
+            params = {
+                **shared,
+                "pretrain.method": method,
+                "pretrain.seed": seed,
+                "pretrain.projector": PROJECTOR[method],
+            }
+            wall, peak = kedro(project, "pretrain", params)
+            kedro(project, "evaluate", params)
+            metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+            history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
+            header = history[0].split(",")
+            ips = [float(line.split(",")[header.index("images_per_second")]) for line in history[1:]]
+            row = {
+                "method": method,
+                "seed": seed,
+                "pretrain_wall_s": wall,
+                "images_per_second": statistics.median(ips[len(ips) // 4 :]),
+                "peak_rss_mib": peak,
+                **metrics,
+            }
+            rows.append(row)
+            print(
+                f"{method:<13} seed {seed}: linear {metrics.get('linear_top1', float('nan')):.2f} "
+                f"knn {metrics.get('knn_top1', float('nan')):.2f} rank {metrics['effective_rank']:.1f} "
+                f"{wall:.0f} s",
+                flush=True,
+            )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"compare_{args.data}{'' if args.budget == 'cpu' else '_' + args.budget}"
+    stem.with_suffix(".json").write_text(json.dumps({"shared": shared, "rows": rows}, indent=2, default=str))
+    stem.with_suffix(".md").write_text(table(rows, shared, args))
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(rows: list[dict], shared: dict, args: argparse.Namespace) -> str:
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        f"Run {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), torch CPU; "
+        f"data {args.data}"
+        + (f" (train ≤ {args.max_train}, test ≤ {args.max_test})" if args.max_train else "")
+        + f"; budget '{args.budget}': {args.epochs} epochs, shared parameters `{json.dumps(shared)}`.",
+        "Accuracies in percent on the test split; ± is the standard deviation over seeds "
+        f"{args.seeds} where a row ran more than one.",
+        "",
+        "| method | seeds | linear top-1 | kNN top-1 (k=20, T=0.07) | kNN top-1 (k=200, T=0.1) | effective rank | pretrain wall s | images/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == method]
+
+        def col(key: str, group: list[dict] = group) -> str:
+            return _cell([float(r[key]) for r in group])
+
+        lines.append(
+            f"| {method} | {len(group)} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
+            f"{col('effective_rank')} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
+        )
+    first = rows[0]
+    for name, suffix in (("raw pixels", "_raw_pixels"), ("random encoder", "_random_encoder")):
+        lines.append(
+            f"| {name} | – | {first['linear_top1' + suffix]:.2f} | {first['knn_top1' + suffix]:.2f} | "
+            f"{first['knn200_top1' + suffix]:.2f} | – | – | – | – |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
