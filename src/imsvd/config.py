@@ -301,7 +301,7 @@ class EvaluateConfig:
     matrix_blocks: int = 4
     attribution_units: int = 6
     attribution_images: int = 8
-    collapse_rank_ratio: float = 0.05
+    collapse_rank_ratio: float = 0.005
     seed: int = 0
 
     def __post_init__(self) -> None:
