@@ -106,6 +106,7 @@ def main() -> int:
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="cpu")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value parameters for every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", help="output file stem (default compare_<data>[_<budget>])")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
@@ -156,7 +157,7 @@ def main() -> int:
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"compare_{args.data}{'' if args.budget == 'cpu' else '_' + args.budget}"
+    stem = args.out / (args.name or f"compare_{args.data}{'' if args.budget == 'cpu' else '_' + args.budget}")
     stem.with_suffix(".json").write_text(json.dumps({"shared": shared, "rows": rows}, indent=2, default=str))
     stem.with_suffix(".md").write_text(table(rows, shared, args))
     print(stem.with_suffix(".md").read_text())
