@@ -50,11 +50,12 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def copy_project(destination: Path) -> Path:
+def copy_project(destination: Path, skip: Sequence[str] = ()) -> Path:
     """Copy the project's own files (tracked and untracked-not-ignored) to ``destination``.
 
     Generated data, the virtual environment and local stores stay behind, so the copy is
-    what a fresh clone would hold plus the working tree's uncommitted edits.
+    what a fresh clone would hold plus the working tree's uncommitted edits. ``skip``
+    names paths to leave out (e.g. a committed metric that a test wants absent).
     """
     import shutil
     import subprocess
@@ -67,7 +68,7 @@ def copy_project(destination: Path) -> Path:
     ).stdout.decode()
     for relative in filter(None, listed.split("\0")):
         source = REPO / relative
-        if source.is_file():
+        if source.is_file() and relative not in skip:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)

@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import copy_project
+
 pytestmark = pytest.mark.slow
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ["validate", "augment", "pretrain", "evaluate"]
 STEPS_PER_EPOCH = 2
@@ -53,28 +54,6 @@ def _dvc() -> str:
     if found is None:
         pytest.skip("dvc is not installed in this environment")
     return found
-
-
-def copy_project(dest: Path, skip: tuple[str, ...] = ()) -> Path:
-    """Copy the files git would commit (tracked + untracked-but-not-ignored) into ``dest``.
-
-    ``skip``: paths left out, e.g. a pipeline output that is not ignored but not committed.
-    """
-    try:
-        listing = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.skip(f"the project is not a git checkout, cannot list its files: {error}")
-    for name in filter(None, listing.decode().split("\0")):
-        source = PROJECT_ROOT / name
-        if source.is_file() and name not in skip:  # a tracked file deleted in the working tree is skipped
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    return dest
 
 
 def set_parameters(project: Path, pipeline: str, values: dict[str, Any]) -> None:

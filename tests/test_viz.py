@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from conftest import copy_project
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PIPELINES = ["validate", "augment", "pretrain", "evaluate"]
 NODES = [
@@ -75,25 +76,6 @@ def _browser_paths() -> tuple[str, str]:
             f"found chromium={chromium}, chromedriver={driver}"
         )
     return chromium, driver
-
-
-def copy_project(dest: Path) -> Path:
-    """Copy the files git would commit (tracked + untracked-but-not-ignored) into ``dest``."""
-    try:
-        listing = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as error:
-        pytest.skip(f"the project is not a git checkout, cannot list its files: {error}")
-    for name in filter(None, listing.decode().split("\0")):
-        source = PROJECT_ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    return dest
 
 
 @pytest.fixture(scope="module")
