@@ -184,3 +184,38 @@ def test_lars_skips_decay_and_adaptation_for_biases_and_norms():
     expected = 1.0 - 0.001 * 3.0 / (1.5 * 3.0) * 1.5
     torch.testing.assert_close(weight.detach(), torch.full((3, 3), expected))
     assert math.isfinite(float(weight.sum()))
+
+
+def test_each_epoch_draws_a_fresh_pair_of_views():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from imsvd.augment import CachedPairDataset
+    from imsvd.training import _SetEpoch
+
+    views = np.random.default_rng(0).integers(0, 255, (8, 6, 1, 4, 4), dtype=np.uint8)
+    seen: list[torch.Tensor] = []
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            seen.append(torch.stack(batch))
+            return self.w.sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[_SetEpoch()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Recorder(), DataLoader(CachedPairDataset(views, seed=0), batch_size=8, shuffle=False))
+    assert len(seen) == 2
+    assert not torch.equal(seen[0], seen[1])

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from imsvd import evaluate
 from imsvd.config import EvaluateConfig, parse
 from imsvd.data import ImageData
-from imsvd.errors import DataError
+from imsvd.errors import DataError, UntrustedFileError
 from imsvd.evaluate import Embeddings
 from imsvd.validation import require_validated
 
@@ -31,7 +31,10 @@ def embed_images(
             f"evaluate: the encoder expects {channels}-channel images, the data has "
             f"{validated_images.images.shape[-1]}: rerun pretrain on this data"
         )
-    return evaluate.embed(validated_images, encoder, cfg)
+    try:
+        return evaluate.embed(validated_images, encoder, cfg)
+    except UntrustedFileError as exc:
+        raise UntrustedFileError(f"the encoder from pretrain (catalog entry 'encoder'): {exc}") from None
 
 
 def compute_metrics(

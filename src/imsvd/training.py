@@ -363,7 +363,7 @@ def pretrain(
     world = cfg.num_nodes * (int(cfg.devices) if cfg.devices.isdigit() else 1)
     per_device = max(1, cfg.batch_size // world)
     loader = DataLoader(
-        _EpochAware(train_dataset),
+        train_dataset,
         batch_size=per_device,
         shuffle=True,
         drop_last=len(train_dataset) >= per_device,  # type: ignore[arg-type]
@@ -381,13 +381,15 @@ def pretrain(
         history,
         _SetEpoch(),
         SaveOnInterrupt(ckpt_dir),
+        # Two callbacks: Lightning's save_last only writes when the monitored loss improved,
+        # but a rerun must resume from the last complete epoch whatever its loss.
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_epochs=1, enable_version_counter=False),
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best",
             monitor="train/total_epoch",
             mode="min",
             save_top_k=1,
-            save_last=True,
             every_n_epochs=1,
             enable_version_counter=False,
         ),
@@ -437,24 +439,9 @@ def pretrain(
     return PretrainResult(trainer.lightning_module, frame, resumed_epoch, view_source, seconds)  # type: ignore[arg-type]
 
 
-class _EpochAware(torch.utils.data.Dataset):
-    """Wraps a pair dataset so the current epoch reaches it (a fresh pair each epoch)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-
 class _SetEpoch(Callback):
+    """A fresh pair of views per image each epoch: the pair datasets draw from (seed, epoch)."""
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
