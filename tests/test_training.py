@@ -219,3 +219,11 @@ def test_each_epoch_draws_a_fresh_pair_of_views():
     trainer.fit(Recorder(), DataLoader(CachedPairDataset(views, seed=0), batch_size=8, shuffle=False))
     assert len(seen) == 2
     assert not torch.equal(seen[0], seen[1])
+
+
+def test_last_checkpoint_is_written_every_epoch_even_without_improvement(pairs, digits, tmp_path):
+    # lr ~ 0: the loss only wanders with the fresh view pairs, so some epochs do not improve.
+    run(pairs, digits, tiny(tmp_path, epochs=4, base_lr=1e-9))
+    last = load_weights(Path(tmp_path / "checkpoints") / LAST)
+    assert int(last["global_step"]) == 4 * STEPS_PER_EPOCH
+    assert int(last["epoch"]) == 3
