@@ -60,6 +60,10 @@ def copy_project(destination: Path) -> Path:
     return destination
 
 
+class Diverged(RuntimeError):
+    """Pretraining stopped on a non-finite loss."""
+
+
 def kedro(project: Path, pipeline: str, params: dict[str, object]) -> tuple[float, float]:
     """Run one pipeline; return (wall seconds, peak resident MiB of the process tree)."""
     text = ",".join(f"{k}={v}" for k, v in params.items())
@@ -86,6 +90,8 @@ def kedro(project: Path, pipeline: str, params: dict[str, object]) -> tuple[floa
     output, _ = process.communicate()
     watcher.join()
     if process.returncode != 0:
+        if "non-finite loss" in output:
+            raise Diverged(output.strip().splitlines()[-1])
         raise SystemExit(f"kedro run --pipeline={pipeline} failed:\n{output[-4000:]}")
     return time.perf_counter() - start, peak[0]
 
@@ -127,14 +133,27 @@ def main() -> int:
 
     rows: list[dict] = []
 
+    base_lr = {m: float(shared.get("pretrain.base_lr", 0.4)) for m in args.methods}
+
     def run(method: str, seed: int) -> None:
-        params = {
-            **shared,
-            "pretrain.method": method,
-            "pretrain.seed": seed,
-            "pretrain.projector": PROJECTOR[method],
-        }
-        wall, peak = kedro(project, "pretrain", params)
+        # One shared optimiser; a method whose loss diverges at the shared learning rate is
+        # retried at half of it (at most twice), and the table says which rate it trained at.
+        while True:
+            params = {
+                **shared,
+                "pretrain.method": method,
+                "pretrain.seed": seed,
+                "pretrain.projector": PROJECTOR[method],
+                "pretrain.base_lr": base_lr[method],
+            }
+            try:
+                wall, peak = kedro(project, "pretrain", params)
+                break
+            except Diverged as error:
+                print(f"{method} seed {seed} diverged at base_lr {base_lr[method]}: {error}", flush=True)
+                if base_lr[method] < float(shared.get("pretrain.base_lr", 0.4)) / 3:
+                    raise SystemExit(f"{method} diverges even at base_lr {base_lr[method]}") from None
+                base_lr[method] /= 2
         kedro(project, "evaluate", params)
         metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
         history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
@@ -144,6 +163,7 @@ def main() -> int:
             {
                 "method": method,
                 "seed": seed,
+                "base_lr": base_lr[method],
                 "pretrain_wall_s": wall,
                 "images_per_second": statistics.median(ips[len(ips) // 4 :]),
                 "peak_rss_mib": peak,
@@ -190,8 +210,8 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace) -> str:
         "Accuracies in percent on the test split; ± is the standard deviation over seeds "
         f"{args.seeds} where a row ran more than one.",
         "",
-        "| method | seeds | linear top-1 | kNN top-1 (k=20, T=0.07) | kNN top-1 (k=200, T=0.1) | effective rank | pretrain wall s | images/s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | base_lr | linear top-1 | kNN top-1 (k=20, T=0.07) | kNN top-1 (k=200, T=0.1) | effective rank | pretrain wall s | images/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
@@ -200,13 +220,13 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace) -> str:
             return _cell([float(r[key]) for r in group])
 
         lines.append(
-            f"| {method} | {len(group)} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
+            f"| {method} | {len(group)} | {group[0]['base_lr']} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
             f"{col('effective_rank')} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
         )
     first = rows[0]
     for name, suffix in (("raw pixels", "_raw_pixels"), ("random encoder", "_random_encoder")):
         lines.append(
-            f"| {name} | – | {first['linear_top1' + suffix]:.2f} | {first['knn_top1' + suffix]:.2f} | "
+            f"| {name} | – | – | {first['linear_top1' + suffix]:.2f} | {first['knn_top1' + suffix]:.2f} | "
             f"{first['knn200_top1' + suffix]:.2f} | – | – | – | – |"
         )
     return "\n".join(lines) + "\n"
