@@ -442,7 +442,10 @@ def require_validated(images: Any, report: Any, stage: str) -> ImageData:
     if int(np.sum(images.splits == TRAIN)) < 2:
         raise DataError(f"{stage}: at least 2 training images are needed")
     if not isinstance(report, dict):
-        raise DataError(f"{stage}: no validation report: run `kedro run --pipeline=validate` first")
+        raise DataError(
+            f"{stage}: no validation report (data/08_reporting/validation.json): "
+            "run `kedro run --pipeline=validate` first"
+        )
     if not report.get("success"):
         raise DataError(
             f"{stage}: the last validation failed: {report.get('message', 'see data/08_reporting/validation.json')}"
