@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,7 +59,6 @@ def copy_project(destination: Path, skip: Sequence[str] = ()) -> Path:
     names paths to leave out (e.g. a committed metric that a test wants absent).
     """
     import shutil
-    import subprocess
 
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
@@ -88,6 +88,25 @@ def kedro_env(project: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def kedro(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m kedro ARGS`` in ``project``; with ``check``, fail with its output."""
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kedro", *args],
+        cwd=project,
+        env=kedro_env(project),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"kedro {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
 
 
 @pytest.fixture

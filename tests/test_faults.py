@@ -30,7 +30,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, copy_project, kedro_env
+from conftest import REPO, copy_project, kedro, kedro_env
 
 pytestmark = pytest.mark.slow
 
@@ -60,22 +60,6 @@ def params(**overrides: str) -> str:
     """``--params`` text: TINY with ``overrides`` (keys use ``__`` for the dot)."""
     values = {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
     return ",".join(f"{k}={v}" for k, v in values.items())
-
-
-def kedro(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "kedro", *args],
-        cwd=project,
-        env=kedro_env(project),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"kedro {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
-    return result
 
 
 class KedroProcess:

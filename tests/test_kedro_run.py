@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import kedro_env
+from conftest import kedro
 
 pytestmark = pytest.mark.slow
 
@@ -28,22 +26,6 @@ TINY = ",".join(
     ]
 )
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def kedro(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "kedro", *args],
-        cwd=project,
-        env=kedro_env(project),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"kedro {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
-    return result
 
 
 @pytest.fixture(scope="module")
