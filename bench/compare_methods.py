@@ -133,11 +133,23 @@ def main() -> int:
 
     rows: list[dict] = []
 
-    base_lr = {m: float(shared.get("pretrain.base_lr", 0.4)) for m in args.methods}
+    start_lr = float(shared.get("pretrain.base_lr", 0.4))
+    base_lr = dict.fromkeys(args.methods, start_lr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / (args.name or f"compare_{args.data}{'' if args.budget == 'cpu' else '_' + args.budget}")
+
+    def save() -> None:
+        """Rewrite the results after every row, so an interrupted run keeps what it measured."""
+        stem.with_suffix(".json").write_text(
+            json.dumps({"shared": shared, "rows": rows}, indent=2, default=str)
+        )
+        if any("linear_top1" in r for r in rows):
+            stem.with_suffix(".md").write_text(table(rows, shared, args))
 
     def run(method: str, seed: int) -> None:
         # One shared optimiser; a method whose loss diverges at the shared learning rate is
-        # retried at half of it (at most twice), and the table says which rate it trained at.
+        # retried at half of it (down to an eighth), and the table says which rate it
+        # trained at; a method that diverges at every rate gets a "diverged" row.
         while True:
             params = {
                 **shared,
@@ -151,8 +163,12 @@ def main() -> int:
                 break
             except Diverged as error:
                 print(f"{method} seed {seed} diverged at base_lr {base_lr[method]}: {error}", flush=True)
-                if base_lr[method] < float(shared.get("pretrain.base_lr", 0.4)) / 3:
-                    raise SystemExit(f"{method} diverges even at base_lr {base_lr[method]}") from None
+                if base_lr[method] <= start_lr / 8:
+                    rows.append(
+                        {"method": method, "seed": seed, "base_lr": base_lr[method], "diverged": str(error)}
+                    )
+                    save()
+                    return
                 base_lr[method] /= 2
         kedro(project, "evaluate", params)
         metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
@@ -170,6 +186,7 @@ def main() -> int:
                 **metrics,
             }
         )
+        save()
         print(
             f"{method:<13} seed {seed}: linear {metrics.get('linear_top1', float('nan')):.2f} "
             f"knn {metrics.get('knn_top1', float('nan')):.2f} rank {metrics['effective_rank']:.1f} {wall:.0f} s",
@@ -180,16 +197,13 @@ def main() -> int:
     for method in args.methods:
         run(method, first)
     # More seeds for IMSVD and for the best baseline at the first seed (by linear top-1).
-    baselines = [r for r in rows if r["method"] != "imsvd"]
+    baselines = [r for r in rows if r["method"] != "imsvd" and "linear_top1" in r]
     best = max(baselines, key=lambda r: r.get("linear_top1", 0.0))["method"] if baselines else None
     for method in [m for m in ("imsvd", best) if m in args.methods]:
         for seed in others:
             run(method, seed)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or f"compare_{args.data}{'' if args.budget == 'cpu' else '_' + args.budget}")
-    stem.with_suffix(".json").write_text(json.dumps({"shared": shared, "rows": rows}, indent=2, default=str))
-    stem.with_suffix(".md").write_text(table(rows, shared, args))
+    save()
     print(stem.with_suffix(".md").read_text())
     return 0
 
@@ -214,7 +228,15 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
-        group = [r for r in rows if r["method"] == method]
+        group = [r for r in rows if r["method"] == method and "linear_top1" in r]
+        failed = [r for r in rows if r["method"] == method and "diverged" in r]
+        if failed:
+            lines.append(
+                f"| {method} | {len(failed)} diverged | ≤ {failed[0]['base_lr']} | "
+                f"seeds {[r['seed'] for r in failed]}: non-finite loss | – | – | – | – | – | – |"
+            )
+        if not group:
+            continue
 
         def col(key: str, group: list[dict] = group) -> str:
             return _cell([float(r[key]) for r in group])
@@ -223,7 +245,7 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace) -> str:
             f"| {method} | {len(group)} | {group[0]['base_lr']} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
             f"{col('effective_rank')} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
         )
-    first = rows[0]
+    first = next(r for r in rows if "linear_top1" in r)
     for name, suffix in (("raw pixels", "_raw_pixels"), ("random encoder", "_random_encoder")):
         lines.append(
             f"| {name} | – | – | {first['linear_top1' + suffix]:.2f} | {first['knn_top1' + suffix]:.2f} | "
