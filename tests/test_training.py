@@ -227,3 +227,48 @@ def test_last_checkpoint_is_written_every_epoch_even_without_improvement(pairs, 
     last = load_weights(Path(tmp_path / "checkpoints") / LAST)
     assert int(last["global_step"]) == 4 * STEPS_PER_EPOCH
     assert int(last["epoch"]) == 3
+
+
+SIGTERM_SCRIPT = """
+import sys
+import numpy as np
+from sklearn.datasets import load_digits
+from imsvd.augment import build_view_cache, channel_stats, pair_dataset
+from imsvd.config import AugmentConfig, PretrainConfig
+from imsvd.training import RunIdentity, pretrain
+
+folder = sys.argv[1]
+images = (load_digits().images * (255 / 16)).round().astype(np.uint8)[..., None][:256]
+aug = AugmentConfig(size=8, views=4, cache_dir=folder + "/views")
+build_view_cache(images, "fp", aug, progress=False)
+dataset, _ = pair_dataset(images, "fp", aug, use_cache=True, seed=0)
+cfg = PretrainConfig(width=0.125, projector="128-128", bin_size=16, epochs=500, batch_size=64,
+                     checkpoint_dir=folder + "/checkpoints", accelerator="cpu", devices="1")
+pretrain(dataset, "cache", 1, *channel_stats(images), cfg, RunIdentity.of(cfg, {}, "fp"))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_fails_the_run_and_saves_the_state(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    last = tmp_path / "checkpoints" / LAST
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), "no checkpoint before the deadline"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    # Lightning alone would exit 0 here (SystemExit(None)); the product fails the run.
+    assert process.returncode != 0, output[-2000:]
+    assert "terminated (SIGTERM)" in output
+    assert int(load_weights(tmp_path / "checkpoints" / "interrupted.ckpt")["global_step"]) >= STEPS_PER_EPOCH

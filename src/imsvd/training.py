@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -205,7 +206,7 @@ class History(Callback):
 
 
 class SaveOnInterrupt(Callback):
-    """Ctrl-C (SIGINT): save the state reached to ``interrupted.ckpt`` before Lightning exits.
+    """Ctrl-C (SIGINT) or SIGTERM: save the state reached to ``interrupted.ckpt`` before exiting.
 
     ``last.ckpt`` stays the last complete epoch, which a rerun resumes from, so a resumed
     run makes exactly as many optimiser steps as an uninterrupted one.
@@ -217,7 +218,7 @@ class SaveOnInterrupt(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.is_global_zero:
             trainer.save_checkpoint(self.path)
             log.warning(
                 "interrupted at step %d (epoch %d): state saved to %s; rerun to resume from the last complete epoch",
@@ -425,7 +426,15 @@ def pretrain(
         view_source,
     )
     start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        # Lightning turns SIGTERM into SystemExit(None), an exit status of 0; a terminated
+        # run must fail so that no later stage mistakes the old encoder for a new one.
+        raise TrainingError(
+            f"pretraining was terminated (SIGTERM) at step {trainer.global_step}; state saved to "
+            f"{ckpt_dir / INTERRUPTED}, rerun to resume from the last complete epoch"
+        ) from None
     seconds = time.perf_counter() - start
     # Under spawned DDP the callbacks ran in the workers: the history is read back from
     # the last checkpoint, which holds it.
