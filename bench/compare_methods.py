@@ -242,7 +242,7 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace) -> str:
             return _cell([float(r[key]) for r in group])
 
         lines.append(
-            f"| {method} | {len(group)} | {group[0]['base_lr']} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
+            f"| {method} | {len(group)} | {' / '.join(str(lr) for lr in dict.fromkeys(r['base_lr'] for r in group))} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
             f"{col('effective_rank')} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
         )
     first = next(r for r in rows if "linear_top1" in r)
