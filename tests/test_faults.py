@@ -62,6 +62,10 @@ def params(**overrides: str) -> str:
     return ",".join(f"{k}={v}" for k, v in values.items())
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class KedroProcess:
     """A ``kedro`` subprocess in its own session whose merged output is read as it comes."""
 
@@ -74,6 +78,9 @@ class KedroProcess:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group: a signal reaches any children too
+            # A shell without job control starts background jobs with SIGINT ignored, and Python
+            # then installs no Ctrl-C handler: restore the default so SIGINT acts as Ctrl-C does.
+            preexec_fn=_default_sigint,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
