@@ -428,11 +428,14 @@ def pretrain(
     start = time.perf_counter()
     try:
         trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
-    except SIGTERMException:
-        # Lightning turns SIGTERM into SystemExit(None), an exit status of 0; a terminated
-        # run must fail so that no later stage mistakes the old encoder for a new one.
+    except SystemExit as exc:
+        # Lightning turns SIGTERM into SystemExit(None) (exit status 0) and Ctrl-C into
+        # SystemExit(1), which bypasses Kedro's error hooks (the MLflow run would stay
+        # RUNNING). Either way the run must fail as an error, so that no later stage mistakes
+        # the old encoder for a new one.
+        how = "terminated (SIGTERM)" if isinstance(exc, SIGTERMException) else "interrupted (Ctrl-C)"
         raise TrainingError(
-            f"pretraining was terminated (SIGTERM) at step {trainer.global_step}; state saved to "
+            f"pretraining was {how} at step {trainer.global_step}; state saved to "
             f"{ckpt_dir / INTERRUPTED}, rerun to resume from the last complete epoch"
         ) from None
     seconds = time.perf_counter() - start
