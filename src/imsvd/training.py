@@ -259,8 +259,9 @@ class PlainProgress(Callback):
             )
 
 
-def resume_checkpoint(cfg: PretrainConfig, identity: RunIdentity) -> Path | None:
-    """The last checkpoint to resume from, or ``None`` (with the reason logged).
+def resume_checkpoint(cfg: PretrainConfig, identity: RunIdentity) -> tuple[Path, int] | None:
+    """The last checkpoint to resume from and the epoch it resumes at, or ``None``
+    (with the reason logged).
 
     Only a checkpoint made with the same parameters (epochs aside) and the same data
     is resumed; it is read with ``weights_only=True`` first, so an untrusted file is
@@ -288,7 +289,7 @@ def resume_checkpoint(cfg: PretrainConfig, identity: RunIdentity) -> Path | None
     if epoch >= cfg.epochs:
         log.info("checkpoint %s already completed %d epochs", path, epoch)
     log.info("resuming from %s at epoch %d", path, epoch)
-    return path
+    return path, epoch
 
 
 def resolve_precision(cfg: PretrainConfig) -> str:
@@ -358,8 +359,8 @@ def pretrain(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     # A checkpoint that is not resumed stays until this run's first epoch replaces it, so
     # a run that fails early (bad lr, Ctrl-C) loses none of the earlier results.
-    resume = resume_checkpoint(cfg, identity)
-    resumed_epoch = int(load_weights(resume).get("epoch", -1)) + 1 if resume else None
+    found = resume_checkpoint(cfg, identity)
+    resume, resumed_epoch = found if found else (None, None)
 
     world = cfg.num_nodes * (int(cfg.devices) if cfg.devices.isdigit() else 1)
     per_device = max(1, cfg.batch_size // world)
