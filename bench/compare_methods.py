@@ -1,7 +1,8 @@
 """IMSVD against Barlow Twins, VICReg and SimCLR: same harness, same budget, one table.
 
 Every row runs the product's own pipelines with ``kedro run --params`` in a copy of the
-project (so the user's ``data/`` is untouched): ``validate`` and ``augment`` once per
+project exported from the current commit (so the user's ``data/`` is untouched and the
+table names the code that made it): ``validate`` and ``augment`` once per
 data set (the view cache is shared by all methods), then ``pretrain`` and ``evaluate``
 per method at the first seed, then every further seed for IMSVD and for the best
 baseline (by linear top-1 at the first seed). Only ``pretrain.method`` (and each method's projector) changes
@@ -21,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,16 +48,33 @@ BUDGETS = {
 }
 
 
-def copy_project(destination: Path) -> Path:
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode()
-    for relative in filter(None, listed.split("\0")):
-        source = ROOT / relative
-        if source.is_file():
-            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / relative)
-    return destination
+def copy_project(destination: Path) -> str:
+    """Export the committed tree (``git archive HEAD``) to ``destination``; return the commit.
+
+    The runs use what is committed, not the working tree, so a table always names the code
+    and parameters that produced it: an uncommitted edit (for example a parameter file left
+    behind by ``dvc exp run`` in the workspace) can no longer slip into the figures unseen.
+    """
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    destination.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+    # Compare bytes, not git's stat cache: an edit that kept size and mtime escapes it.
+    changed = [
+        str(exported.relative_to(destination))
+        for part in ("conf", "src", "pipelines")
+        for exported in sorted((destination / part).rglob("*"))
+        if exported.is_file()
+        and (
+            not (ROOT / exported.relative_to(destination)).is_file()
+            or (ROOT / exported.relative_to(destination)).read_bytes() != exported.read_bytes()
+        )
+    ]
+    if changed:
+        print(f"note: {', '.join(changed)} differ from HEAD; the runs use HEAD ({commit})", flush=True)
+    return commit
 
 
 class Diverged(RuntimeError):
@@ -117,7 +134,8 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
-    project = copy_project(work / "project")
+    project = work / "project"
+    commit = copy_project(project)
     data = {"data.source": args.data}
     if args.data != "digits":
         data["data.path"] = args.data_path
@@ -141,10 +159,10 @@ def main() -> int:
     def save() -> None:
         """Rewrite the results after every row, so an interrupted run keeps what it measured."""
         stem.with_suffix(".json").write_text(
-            json.dumps({"shared": shared, "rows": rows}, indent=2, default=str)
+            json.dumps({"commit": commit, "shared": shared, "rows": rows}, indent=2, default=str)
         )
         if any("linear_top1" in r for r in rows):
-            stem.with_suffix(".md").write_text(table(rows, shared, args))
+            stem.with_suffix(".md").write_text(table(rows, shared, args, commit))
 
     def run(method: str, seed: int) -> None:
         # One shared optimiser; a method whose loss diverges at the shared learning rate is
@@ -214,10 +232,10 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(rows: list[dict], shared: dict, args: argparse.Namespace) -> str:
+def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
-        f"Run {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), torch CPU; "
+        f"Run {datetime.date.today().isoformat()} at commit {commit} on {os.cpu_count()} cores ({cpu}), torch CPU; "
         f"data {args.data}"
         + (f" (train ≤ {args.max_train}, test ≤ {args.max_test})" if args.max_train else "")
         + f"; budget '{args.budget}': {args.epochs} epochs, shared parameters `{json.dumps(shared)}`.",
