@@ -124,13 +124,22 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
-        "--extra-seed-methods", nargs="*", default=["imsvd"], help="methods run with every seed"
+        "--extra-seed-methods",
+        nargs="*",
+        default=["imsvd"],
+        help="methods run with every seed (besides the best baseline at the first seed)",
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="cpu")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value parameters for every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", help="output file stem (default compare_<data>[_<budget>])")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="an earlier results .json: its rows for methods not in --methods join the table "
+        "(marked with their commit), so adding seeds does not rerun every baseline",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
@@ -150,6 +159,15 @@ def main() -> int:
     kedro(project, "augment", shared)
 
     rows: list[dict] = []
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text())
+        if earlier["shared"] != {**shared, "pretrain.base_lr": earlier["shared"].get("pretrain.base_lr")}:
+            raise SystemExit(f"--reuse {args.reuse}: its shared parameters differ from this run's")
+        rows = [
+            {**row, "commit": earlier.get("commit", "before e8c8bce")}
+            for row in earlier["rows"]
+            if row["method"] not in args.methods
+        ]
 
     start_lr = float(shared.get("pretrain.base_lr", 0.4))
     base_lr = dict.fromkeys(args.methods, start_lr)
@@ -217,7 +235,7 @@ def main() -> int:
     # More seeds for IMSVD and for the best baseline at the first seed (by linear top-1).
     baselines = [r for r in rows if r["method"] != "imsvd" and "linear_top1" in r]
     best = max(baselines, key=lambda r: r.get("linear_top1", 0.0))["method"] if baselines else None
-    for method in [m for m in ("imsvd", best) if m in args.methods]:
+    for method in [m for m in dict.fromkeys([*args.extra_seed_methods, best]) if m in args.methods]:
         for seed in others:
             run(method, seed)
 
@@ -259,8 +277,9 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str)
         def col(key: str, group: list[dict] = group) -> str:
             return _cell([float(r[key]) for r in group])
 
+        label = method + "".join(sorted({f" (reused, commit {r['commit']})" for r in group if "commit" in r}))
         lines.append(
-            f"| {method} | {len(group)} | {' / '.join(str(lr) for lr in dict.fromkeys(r['base_lr'] for r in group))} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
+            f"| {label} | {len(group)} | {' / '.join(str(lr) for lr in dict.fromkeys(r['base_lr'] for r in group))} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
             f"{col('effective_rank')} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
         )
     first = next(r for r in rows if "linear_top1" in r)
