@@ -137,8 +137,8 @@ def main() -> int:
     parser.add_argument(
         "--reuse",
         type=Path,
-        help="an earlier results .json: its rows for methods not in --methods join the table "
-        "(marked with their commit), so adding seeds does not rerun every baseline",
+        help="an earlier results .json: its rows join the table (marked with their commit) "
+        "unless this run redoes that method and seed, so adding seeds reruns nothing",
     )
     args = parser.parse_args()
 
@@ -154,20 +154,20 @@ def main() -> int:
         data["data.max_test"] = args.max_test
     shared = {**data, **BUDGETS[args.budget], "pretrain.epochs": args.epochs, "pretrain.resume": "false"}
     shared.update(dict(item.split("=", 1) for item in args.set))
-    print(f"work folder {project}; shared parameters {shared}", flush=True)
-    kedro(project, "validate", shared)
-    kedro(project, "augment", shared)
-
     rows: list[dict] = []
     if args.reuse:
+        # Rows this run would redo are dropped; every kept row keeps the commit it ran at.
         earlier = json.loads(args.reuse.read_text())
         if earlier["shared"] != {**shared, "pretrain.base_lr": earlier["shared"].get("pretrain.base_lr")}:
             raise SystemExit(f"--reuse {args.reuse}: its shared parameters differ from this run's")
         rows = [
-            {**row, "commit": earlier.get("commit", "before e8c8bce")}
+            {"commit": earlier.get("commit", "before e8c8bce"), **row}
             for row in earlier["rows"]
-            if row["method"] not in args.methods
+            if not (row["method"] in args.methods and row["seed"] in args.seeds)
         ]
+    print(f"work folder {project}; shared parameters {shared}", flush=True)
+    kedro(project, "validate", shared)
+    kedro(project, "augment", shared)
 
     start_lr = float(shared.get("pretrain.base_lr", 0.4))
     base_lr = dict.fromkeys(args.methods, start_lr)
@@ -201,7 +201,13 @@ def main() -> int:
                 print(f"{method} seed {seed} diverged at base_lr {base_lr[method]}: {error}", flush=True)
                 if base_lr[method] <= start_lr / 8:
                     rows.append(
-                        {"method": method, "seed": seed, "base_lr": base_lr[method], "diverged": str(error)}
+                        {
+                            "commit": commit,
+                            "method": method,
+                            "seed": seed,
+                            "base_lr": base_lr[method],
+                            "diverged": str(error),
+                        }
                     )
                     save()
                     return
@@ -213,6 +219,7 @@ def main() -> int:
         ips = [float(line.split(",")[header.index("images_per_second")]) for line in history[1:]]
         rows.append(
             {
+                "commit": commit,
                 "method": method,
                 "seed": seed,
                 "base_lr": base_lr[method],
@@ -257,8 +264,9 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str)
         f"data {args.data}"
         + (f" (train ≤ {args.max_train}, test ≤ {args.max_test})" if args.max_train else "")
         + f"; budget '{args.budget}': {args.epochs} epochs, shared parameters `{json.dumps(shared)}`.",
-        "Accuracies in percent on the test split; ± is the standard deviation over seeds "
-        f"{args.seeds} where a row ran more than one.",
+        "Accuracies in percent on the test split; ± is the standard deviation over the seeds "
+        f"{sorted({r['seed'] for r in rows})} where a row ran more than one; a row from an earlier "
+        "commit says so.",
         "",
         "| method | seeds | base_lr | linear top-1 | kNN top-1 (k=20, T=0.07) | kNN top-1 (k=200, T=0.1) | effective rank | pretrain wall s | images/s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -277,7 +285,12 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str)
         def col(key: str, group: list[dict] = group) -> str:
             return _cell([float(r[key]) for r in group])
 
-        label = method + "".join(sorted({f" (reused, commit {r['commit']})" for r in group if "commit" in r}))
+        earlier = sorted({r["commit"] for r in group if r.get("commit", commit) != commit})
+        label = method + (
+            f" ({sum(r.get('commit', commit) != commit for r in group)} from {', '.join(earlier)})"
+            if earlier
+            else ""
+        )
         lines.append(
             f"| {label} | {len(group)} | {' / '.join(str(lr) for lr in dict.fromkeys(r['base_lr'] for r in group))} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
             f"{col('effective_rank')} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
