@@ -48,7 +48,7 @@ BUDGETS = {
 }
 
 
-def copy_project(destination: Path) -> str:
+def export_project(destination: Path) -> str:
     """Export the committed tree (``git archive HEAD``) to ``destination``; return the commit.
 
     The runs use what is committed, not the working tree, so a table always names the code
@@ -144,7 +144,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
     project = work / "project"
-    commit = copy_project(project)
+    commit = export_project(project)
     data = {"data.source": args.data}
     if args.data != "digits":
         data["data.path"] = args.data_path
@@ -158,9 +158,14 @@ def main() -> int:
     if args.reuse:
         # Rows this run would redo are dropped; every kept row keeps the commit it ran at.
         earlier = json.loads(args.reuse.read_text())
-        if earlier["shared"] != {**shared, "pretrain.base_lr": earlier["shared"].get("pretrain.base_lr")}:
+
+        def settings(params: dict) -> dict:  # the starting learning rate may differ
+            return {k: v for k, v in params.items() if k != "pretrain.base_lr"}
+
+        if settings(earlier["shared"]) != settings(shared):
             raise SystemExit(f"--reuse {args.reuse}: its shared parameters differ from this run's")
         rows = [
+            # Result files written before e8c8bce carry no commit.
             {"commit": earlier.get("commit", "before e8c8bce"), **row}
             for row in earlier["rows"]
             if not (row["method"] in args.methods and row["seed"] in args.seeds)
