@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,8 +60,6 @@ def copy_project(destination: Path, skip: Sequence[str] = ()) -> Path:
     what a fresh clone would hold plus the working tree's uncommitted edits. ``skip``
     names paths to leave out (e.g. a committed metric that a test wants absent).
     """
-    import shutil
-
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=REPO,
@@ -92,8 +92,6 @@ def kedro_env(project: Path) -> dict[str, str]:
 
 def kedro(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``python -m kedro ARGS`` in ``project``; with ``check``, fail with its output."""
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "kedro", *args],
         cwd=project,
