@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("imsvd", "barlow_twins", "vicreg", "simclr")
@@ -174,7 +175,9 @@ def main() -> int:
     kedro(project, "validate", shared)
     kedro(project, "augment", shared)
 
-    start_lr = float(shared.get("pretrain.base_lr", 0.4))
+    # The exported commit's own default (parameters_pretrain.yml) unless --set names one.
+    shipped = yaml.safe_load((project / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
+    start_lr = float(shared.get("pretrain.base_lr", shipped["base_lr"]))
     base_lr = dict.fromkeys(args.methods, start_lr)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (args.name or f"compare_{args.data}{'' if args.budget == 'cpu' else '_' + args.budget}")

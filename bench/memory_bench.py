@@ -28,9 +28,10 @@ import psutil
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from imsvd.augment import build_view_cache, channel_stats, pair_dataset
-from imsvd.config import AugmentConfig, PretrainConfig
+from imsvd.augment import build_view_cache, pair_dataset
+from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
 from imsvd.data import TRAIN
+from imsvd.preprocess import channel_stats
 from imsvd.sources import load_digits
 from imsvd.training import RunIdentity, pretrain
 
@@ -91,7 +92,7 @@ def main() -> int:
         cfg = PretrainConfig(
             width=args.width,
             projector=args.projector,
-            bin_size=args.bin_size,
+            imsvd=IMSVDConfig(bin_size=args.bin_size),
             epochs=args.epochs,
             batch_size=args.batch_size,
             checkpoint_dir=str(root / "checkpoints"),
@@ -101,7 +102,7 @@ def main() -> int:
         )
         mean, std = channel_stats(train)
         memory = EpochEndMemory()
-        identity = RunIdentity.of(cfg, {}, data.fingerprint)
+        identity = RunIdentity.of(cfg, augment, data.fingerprint)
         result = pretrain(dataset, source, train.shape[-1], mean, std, cfg, identity, logger=memory)
 
     steps = len(result.history)

@@ -28,15 +28,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from imsvd.augment import CachedPairDataset, OnTheFlyPairDataset, build_view_cache, channel_stats  # noqa: E402
+from imsvd.augment import CachedPairDataset, OnTheFlyPairDataset, build_view_cache  # noqa: E402
 from imsvd.config import AugmentConfig, PretrainConfig  # noqa: E402
+from imsvd.preprocess import channel_stats  # noqa: E402
 from imsvd.training import RunIdentity, pretrain, resolve_precision  # noqa: E402
 
 
 def run(dataset, source: str, images: np.ndarray, cfg: PretrainConfig) -> dict[str, float]:
     mean, std = channel_stats(images)
     start = time.perf_counter()
-    result = pretrain(dataset, source, images.shape[-1], mean, std, cfg, RunIdentity.of(cfg, {}, source))
+    result = pretrain(
+        dataset, source, images.shape[-1], mean, std, cfg, RunIdentity.of(cfg, AugmentConfig(), source)
+    )
     seconds = time.perf_counter() - start
     history = result.history
     steady = history.iloc[min(5, len(history) // 4) :]  # skip warm-up steps

@@ -1,12 +1,17 @@
-"""Shared fixtures: tiny image folders written into ``tmp_path``."""
+"""Shared fixtures and helpers: tiny image folders, the tiny parameter set, project
+copies, one finished ``kedro run`` shared by the whole session, and Kedro run in process."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,8 +82,6 @@ def copy_project(destination: Path, skip: Sequence[str] = ()) -> Path:
 
 def kedro_env(project: Path) -> dict[str, str]:
     """Environment for a ``kedro run`` subprocess: no telemetry, wide plain logs, local MLflow."""
-    import os
-
     env = dict(os.environ)
     env.update(
         KEDRO_DISABLE_TELEMETRY="true",
@@ -111,3 +114,88 @@ def kedro(project: Path, *args: str, check: bool = True) -> subprocess.Completed
 def project(tmp_path: Path) -> Path:
     """A fresh copy of the project to run ``kedro`` in."""
     return copy_project(tmp_path / "project")
+
+
+# --------------------------------------------------------------------------- tiny runs
+
+#: The one tiny parameter set of every test that runs the pipelines: 1,347 real digit
+#: training images, batch 16, 4 steps per epoch, a narrow network. Dotted keys, string values.
+TINY: dict[str, str] = {
+    "pretrain.epochs": "2",
+    "pretrain.batch_size": "16",
+    "pretrain.max_steps_per_epoch": "4",
+    "pretrain.width": "0.125",
+    "pretrain.projector": "128-128",
+    "pretrain.imsvd.bin_size": "16",
+    "pretrain.log_every_n_steps": "1",
+    "augment.views": "2",
+    "augment.size": "8",
+    "evaluate.linear_epochs": "5",
+}
+TINY_STEPS_PER_EPOCH = 4
+
+
+def tiny_params(**overrides: str) -> str:
+    """``--params`` text: TINY with ``overrides`` (keys use ``__`` for the dot)."""
+    values = {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return ",".join(f"{k}={v}" for k, v in values.items())
+
+
+def tiny_tree(**overrides: str) -> dict[str, Any]:
+    """TINY (with ``overrides``) as the nested, typed parameters Kedro hands its nodes."""
+    import yaml
+
+    tree: dict[str, Any] = {}
+    for key, text in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(text)
+    return tree
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A project copy after one complete tiny ``kedro run``, and how long the run took."""
+
+    path: Path
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """One complete tiny ``kedro run`` (validate, augment, pretrain, evaluate) through the
+    real CLI, shared by the session: tests read it, or work on a copy (:func:`copy_of`)."""
+    project = copy_project(tmp_path_factory.mktemp("finished") / "project")
+    started = time.monotonic()
+    kedro(project, "run", "--params", tiny_params())
+    return FinishedRun(project, time.monotonic() - started)
+
+
+def copy_of(finished: FinishedRun, destination: Path) -> Path:
+    """The finished project with a fresh MLflow store (a copied store would point its
+    artifacts back into the original project)."""
+    shutil.copytree(finished.path, destination, symlinks=True)
+    (destination / "mlflow.db").unlink(missing_ok=True)
+    shutil.rmtree(destination / "mlruns", ignore_errors=True)
+    return destination
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Run a pipeline of a project copy in this process, through Kedro's own session,
+    runner, catalog, hooks and MLflow store (no subprocess: for tests where no process
+    boundary, exit code or signal is under test)."""
+    from kedro.framework.project import configure_project
+    from kedro.framework.session import KedroSession
+
+    configure_project("imsvd_pipelines")
+
+    def run(project: Path, pipeline: str, params: dict[str, Any]) -> dict[str, Any]:
+        monkeypatch.chdir(project)  # catalog paths are relative to the project, as for `kedro run`
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+        with KedroSession.create(project_path=project, extra_params=params) as session:
+            return session.run(pipeline_names=[pipeline])
+
+    yield run

@@ -17,26 +17,28 @@ import torch
 import yaml
 from sklearn.datasets import load_digits
 
-from imsvd import augment
 from imsvd.augment import (
     CachedPairDataset,
     MultiViewTransform,
     OnTheFlyPairDataset,
+    augment_images,
     build_view_cache,
     cache_paths,
-    channel_stats,
     check_view_cache,
     multi_view_transform,
-    normalize,
     open_view_cache,
     pair_dataset,
     pair_indices,
-    random_hflip,
+    reference_cifar_recipe,
     view_transform,
 )
+from imsvd.augment import cache as cache_module
+from imsvd.augment.cache import ARRAY_NAME, FORMAT_VERSION
 from imsvd.config import AugmentConfig
 from imsvd.data import ImageData
 from imsvd.errors import ConfigError, DataError
+from imsvd.io import sha256_file
+from imsvd.preprocess import channel_stats, model_input, normalize, random_hflip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,20 +104,26 @@ def test_view_transform_rejects_two_channels() -> None:
 def test_multi_view_transform_gives_one_view_per_transform() -> None:
     views = multi_view_transform(AugmentConfig(views=5), 3)(torch.zeros(3, 8, 8, dtype=torch.uint8))
     assert len(views) == 5 and all(v.shape == (3, 16, 16) for v in views)
-    assert isinstance(multi_view_transform(), MultiViewTransform)
+    # Without a config: the paper's recipe, 8 views of a 16x16 crop drawn independently.
+    image = torch.arange(3 * 24 * 24).remainder(251).to(torch.uint8).view(3, 24, 24)
+    torch.manual_seed(0)
+    default = multi_view_transform()(image)
+    assert len(default) == 8 and all(v.shape == (3, 16, 16) for v in default)
+    assert len({v.numpy().tobytes() for v in default}) == 8
     with pytest.raises(ValueError):
         MultiViewTransform([])
 
 
-def test_parameters_file_parses() -> None:
+def test_parameters_file_is_the_reference_recipe_but_for_the_crop_scale() -> None:
     values = yaml.safe_load((ROOT / "conf/base/parameters_augment.yml").read_text())["augment"]
     from imsvd.config import parse
 
     parsed = parse(AugmentConfig, values, "augment")
     # The shipped file is the reference CIFAR recipe except for the crop scale, raised
     # for 8x8 digits (see the file's comment).
-    assert dataclasses.replace(parsed, scale_min=AugmentConfig().scale_min) == AugmentConfig()
-    assert parsed.scale_min == 0.5
+    reference = reference_cifar_recipe()
+    assert dataclasses.replace(parsed, scale_min=reference.scale_min) == reference
+    assert (parsed.scale_min, reference.scale_min) == (0.5, 0.2)
 
 
 # --------------------------------------------------------------------------- cache
@@ -132,10 +140,10 @@ def test_cache_shape_and_manifest_on_digits(
     assert not result.reused
     manifest = result.manifest
     assert manifest["shape"] == [200, 4, channels, 16, 16]
-    assert manifest["dtype"] == "uint8" and manifest["format_version"] == augment.FORMAT_VERSION
+    assert manifest["dtype"] == "uint8" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["fingerprint"] == "fp" and manifest["seed"] == 0
     assert manifest["params"]["views"] == 4 and manifest["params"]["jitter"] == [0.4, 0.4, 0.4, 0.1]
-    assert manifest["sha256"] == augment.sha256_file(result.array_path)
+    assert manifest["sha256"] == sha256_file(result.array_path)
     assert json.loads(cache_paths(cfg)[1].read_text()) == manifest
     views = open_view_cache(cfg, "fp")
     assert isinstance(views, np.memmap) and views.shape == (200, 4, channels, 16, 16)
@@ -148,7 +156,7 @@ def test_cache_shape_and_manifest_on_digits(
 def test_cache_matches_direct_augmentation(tmp_path: Path, digits_rgb: np.ndarray) -> None:
     cfg = config(tmp_path, seed=7)
     build_view_cache(digits_rgb[:20], "fp", cfg, progress=False)
-    direct = augment.augment_images(digits_rgb[:20], range(20), multi_view_transform(cfg, 3), 7)
+    direct = augment_images(digits_rgb[:20], range(20), multi_view_transform(cfg, 3), 7)
     assert np.array_equal(np.asarray(open_view_cache(cfg, "fp")), direct)
 
 
@@ -182,7 +190,7 @@ def test_second_build_reuses_without_work(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("augmentation ran on a valid cache")
 
-    monkeypatch.setattr(augment, "_fill", no_work)
+    monkeypatch.setattr(cache_module, "_fill", no_work)
     # workers and progress do not change the stored bytes, so they do not force a rebuild.
     second = build_view_cache(digits[:50], "fp", config(tmp_path, workers=2), progress=False)
     after = os.stat(second.array_path)
@@ -267,7 +275,7 @@ def test_leftover_temporary_file_is_not_a_cache(tmp_path: Path, digits: np.ndarr
     folder = Path(cfg.cache_dir)
     folder.mkdir(parents=True)
     # What a killed build leaves: a complete-looking array under its temporary name.
-    leftover = folder / f".{augment.ARRAY_NAME}.abc123.tmp"
+    leftover = folder / f".{ARRAY_NAME}.abc123.tmp"
     np.save(leftover.with_suffix(".npy"), np.zeros((10, 4, 1, 16, 16), np.uint8))
     leftover.with_suffix(".npy").rename(leftover)
     assert open_view_cache(cfg, "fp") is None
@@ -296,13 +304,13 @@ def test_killed_build_leaves_no_valid_cache(tmp_path: Path, digits: np.ndarray) 
     script = (
         "import time\n"
         "import numpy as np\n"
-        "from imsvd import augment\n"
+        "from imsvd.augment import cache\n"
         "from imsvd.config import AugmentConfig\n"
-        "draw = augment.augment_images\n"
-        "augment.augment_images = lambda *a: (time.sleep(0.2), draw(*a))[1]\n"
+        "draw = cache.augment_images\n"
+        "cache.augment_images = lambda *a: (time.sleep(0.2), draw(*a))[1]\n"
         f"images = np.load({str(images_path)!r})\n"
         f"cfg = AugmentConfig(views=8, size=32, workers=2, cache_dir={cfg.cache_dir!r})\n"
-        "augment.build_view_cache(images, 'fp', cfg, progress=False)\n"
+        "cache.build_view_cache(images, 'fp', cfg, progress=False)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -442,6 +450,22 @@ def test_normalize() -> None:
     torch.testing.assert_close(out.flatten(), torch.tensor([-0.4, 0.0, 1.6]))
 
 
+def test_training_and_evaluation_inputs_are_normalised_alike(digits_rgb: np.ndarray) -> None:
+    """What evaluation feeds the encoder equals what training feeds it for the same pixels."""
+    from imsvd.config import PretrainConfig
+    from imsvd.training.module import PretrainModule
+    from imsvd.training.resume import RunIdentity
+
+    images = digits_rgb[:5]
+    mean, std = channel_stats(images)
+    cfg = PretrainConfig(width=0.125, projector="64-64", device_flip=False)
+    module = PretrainModule(cfg, 3, mean, std, 1, RunIdentity("x", "y"))
+    batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    trained_on, _ = module.on_after_batch_transfer((batch, batch), 0)
+    evaluated_on = model_input(images, 8, mean, std)  # 8x8 already: no resampling
+    torch.testing.assert_close(trained_on, evaluated_on, rtol=0, atol=0)
+
+
 def test_random_hflip_is_per_image_and_seeded() -> None:
     batch = torch.arange(64 * 3 * 2 * 4, dtype=torch.int64).view(64, 3, 2, 4).to(torch.uint8)
     out = random_hflip(batch, torch.Generator().manual_seed(0))
@@ -500,10 +524,9 @@ def test_node_refuses_bad_input(tmp_path: Path, digits: np.ndarray) -> None:
 
 def test_pipeline_runs_on_a_real_catalog(tmp_path: Path, digits: np.ndarray) -> None:
     from imsvd_pipelines.augment import create_pipeline
+    from imsvd_pipelines.datasets import AtomicJSONDataset, ImageArraysDataset
     from kedro.io import DataCatalog, MemoryDataset
     from kedro.runner import SequentialRunner
-
-    from imsvd.kedro_datasets import AtomicJSONDataset, ImageArraysDataset
 
     pipeline = create_pipeline()
     assert [n.name for n in pipeline.nodes] == ["build_view_cache"]

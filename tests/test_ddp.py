@@ -11,8 +11,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from imsvd.augment import build_view_cache, channel_stats, pair_dataset
-from imsvd.config import AugmentConfig, PretrainConfig
+from imsvd.augment import build_view_cache, pair_dataset
+from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
+from imsvd.preprocess import channel_stats
 from imsvd.training import RunIdentity, pretrain
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def _train(tmp_path, devices: str, method: str = "imsvd"):
         method=method,
         width=0.125,
         projector="64-64",
-        bin_size=16,
+        imsvd=IMSVDConfig(bin_size=16),
         epochs=1,
         batch_size=16,
         base_lr=25.6,  # lr 1.6: a visible step
@@ -40,7 +41,7 @@ def _train(tmp_path, devices: str, method: str = "imsvd"):
         resume=False,
     )
     mean, std = channel_stats(images)
-    identity = RunIdentity.of(cfg, {}, "fp")
+    identity = RunIdentity.of(cfg, aug, "fp")
     torch.manual_seed(0)
     result = pretrain(dataset, "cache", 1, mean, std, cfg, identity)
     return result

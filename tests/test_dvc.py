@@ -1,8 +1,8 @@
 """The DVC pipeline (dvc.yaml) and its MLflow trail, with the real ``dvc`` in a copy of the project.
 
 Every test works in a temporary copy (tracked and untracked-but-not-ignored files, a fresh
-``git init`` and commit) with tiny parameters, so a whole ``dvc repro`` takes about a
-minute on two cores. One reproduction is shared by the module; tests that change the
+``git init`` and commit) with the tiny parameters of every pipeline test (conftest.TINY),
+so a whole ``dvc repro`` takes about a minute on two cores. One reproduction is shared by the module; tests that change the
 project work in their own copy of that reproduced project, with its own DVC remote
 (``../../imsvd-dvc-storage`` from ``.dvc/``, i.e. next to the copy) and MLflow database.
 """
@@ -25,27 +25,20 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import copy_project
+from conftest import TINY, TINY_STEPS_PER_EPOCH, copy_project, tiny_tree
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 STAGES = ["validate", "augment", "pretrain", "evaluate"]
-STEPS_PER_EPOCH = 2
 METRICS = "data/08_reporting/metrics.json"
-
-# Small enough for ~1 minute per full reproduction on 2 CPU cores.
-TINY_PARAMETERS: dict[str, dict[str, Any]] = {
-    "pretrain": {
-        "epochs": 1,
-        "max_steps_per_epoch": STEPS_PER_EPOCH,
-        "batch_size": 64,
-        "log_every_n_steps": 1,
-        "accelerator": "cpu",
-        "devices": "1",
-    },
-    "augment": {"views": 2, "workers": 1},
-    "evaluate": {"linear_epochs": 5},
+STEPS = int(TINY["pretrain.epochs"]) * TINY_STEPS_PER_EPOCH  # optimiser steps of one tiny run
+FILES = {
+    "pretrain": "pretrain",
+    "augment": "augment",
+    "evaluate": "evaluate",
+    "data": "validate",
+    "validate": "validate",
 }
 
 
@@ -56,11 +49,19 @@ def _dvc() -> str:
     return found
 
 
-def set_parameters(project: Path, pipeline: str, values: dict[str, Any]) -> None:
-    """Update ``conf/base/parameters_<pipeline>.yml`` of a copy (key ``pipeline``)."""
-    path = project / "conf" / "base" / f"parameters_{pipeline}.yml"
+def _merge(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **base,
+        **{k: _merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in values.items()},
+    }
+
+
+def set_parameters(project: Path, section: str, values: dict[str, Any]) -> None:
+    """Update section ``section`` of the copy's ``conf/base/parameters_<pipeline>.yml``
+    (nested values are merged, so ``{"imsvd": {"bin_size": 16}}`` keeps the other fields)."""
+    path = project / "conf" / "base" / f"parameters_{FILES[section]}.yml"
     tree = yaml.safe_load(path.read_text())
-    tree[pipeline].update(values)
+    tree[section] = _merge(tree[section], values)
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
@@ -120,8 +121,8 @@ def new_project(root: Path) -> Project:
     a fresh clone made before any results were committed has none.
     """
     path = copy_project(root / "project", skip=(METRICS,))
-    for pipeline, values in TINY_PARAMETERS.items():
-        set_parameters(path, pipeline, values)
+    for section, values in tiny_tree().items():
+        set_parameters(path, section, values)
     project = Project(path, environment(root / "mlflow.db"), root / "mlflow.db")
     project.git("init", "-q")
     project.git("config", "user.name", "test")  # dvc exp commits through its own git client
@@ -204,7 +205,7 @@ def test_fresh_repro_runs_the_four_stages_in_order_and_writes_the_lock(reproduce
     with open(project.path / "data/07_model_output/pretrain_history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {"step", "total"} <= set(rows[0])
-    assert len(rows) == STEPS_PER_EPOCH
+    assert len(rows) == STEPS
 
 
 def test_second_repro_runs_nothing(reproduced: Reproduction) -> None:
@@ -259,7 +260,7 @@ def test_plots_show_draws_the_loss_curve(reproduced: Reproduction, tmp_path: Pat
     spec = plot["content"]
     assert spec["encoding"]["x"]["field"] == "step"
     assert spec["layer"][0]["encoding"]["y"]["field"] == "total"
-    assert [float(row["step"]) for row in spec["data"]["values"]] == [1.0, 2.0]
+    assert [float(row["step"]) for row in spec["data"]["values"]] == [float(s) for s in range(1, STEPS + 1)]
     reproduced.project.dvc("plots", "show", "-o", str(tmp_path / "plots"))
     assert (tmp_path / "plots" / "index.html").is_file()
 
@@ -269,16 +270,16 @@ def test_plots_show_draws_the_loss_curve(reproduced: Reproduction, tmp_path: Pat
 
 def test_exp_run_with_a_parameter_override_is_listed_by_exp_show(clone: Project) -> None:
     output = clone.dvc(
-        "exp", "run", "-n", "two-epochs", "-S", "conf/base/parameters_pretrain.yml:pretrain.epochs=2"
+        "exp", "run", "-n", "more-epochs", "-S", "conf/base/parameters_pretrain.yml:pretrain.epochs=3"
     )
     assert stages_run(output) == ["pretrain", "evaluate"]
     listing = clone.dvc("exp", "show", "--csv")
-    assert "two-epochs" in listing
+    assert "more-epochs" in listing
     rows = list(csv.DictReader(listing.splitlines()))
-    experiment = next(row for row in rows if row["Experiment"] == "two-epochs")
-    assert experiment["pretrain.epochs"] == "2"
+    experiment = next(row for row in rows if row["Experiment"] == "more-epochs")
+    assert experiment["pretrain.epochs"] == "3"
     assert float(experiment["knn_top1"]) > 0
-    assert "two-epochs" in clone.dvc("exp", "list")
+    assert "more-epochs" in clone.dvc("exp", "list")
 
 
 # --- remote ------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def test_mlflow_evaluate_run_has_the_metrics_and_pretrain_run_the_curves_and_mod
 
     client = mlflow.MlflowClient()
     history = client.get_metric_history(pretrain_run.run_id, "train/total_step")
-    assert len(history) == STEPS_PER_EPOCH
+    assert len(history) == STEPS // int(TINY["pretrain.log_every_n_steps"])
     assert all(math.isfinite(point.value) for point in history)
     models = mlflow.search_logged_models(
         experiment_ids=[pretrain_run.experiment_id], filter_string="name = 'encoder'", output_format="list"

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from imsvd import evaluate
-from imsvd.config import EvaluateConfig, PretrainConfig
+from imsvd.config import EvaluateConfig, IMSVDConfig, PretrainConfig
 from imsvd.data import UNLABELLED, ImageData
 from imsvd.models import build_encoder
 from imsvd.sources import load_digits
 
 
 def payload(in_channels: int = 1) -> dict:
-    cfg = PretrainConfig(width=0.125, projector="64-64", bin_size=16)
+    cfg = PretrainConfig(width=0.125, projector="64-64", imsvd=IMSVDConfig(bin_size=16))
     torch.manual_seed(0)
     encoder = build_encoder(cfg.backbone, cfg.width, cfg.projector_dims, in_channels)
     return {
@@ -42,7 +42,7 @@ def digits() -> ImageData:
 
 def test_labelled_split_gets_every_protocol_and_baseline(digits):
     cfg = EvaluateConfig(linear_epochs=20)
-    metrics = evaluate.metrics(digits, evaluate.embed(digits, payload(), cfg), cfg)
+    metrics = evaluate.compute_metrics(digits, evaluate.embed(digits, payload(), cfg), cfg)
     for key in [
         "knn_top1",
         "knn_top5",
@@ -77,7 +77,7 @@ def test_unlabelled_test_split_is_reported_not_a_crash(digits, caplog):
     cfg = EvaluateConfig(linear_epochs=5)
     caplog.set_level(logging.WARNING, logger="imsvd.evaluate")
     embeddings = evaluate.embed(unlabelled, payload(), cfg)
-    metrics = evaluate.metrics(unlabelled, embeddings, cfg)
+    metrics = evaluate.compute_metrics(unlabelled, embeddings, cfg)
     assert metrics["labelled"] == 0
     assert "kNN and linear probe skipped" in metrics["note"]
     assert "knn_top1" not in metrics and "effective_rank" in metrics

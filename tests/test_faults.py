@@ -1,9 +1,11 @@
 """Faults, bad input and untrusted files: the pipeline keeps working and loses nothing.
 
-Every case runs the real ``python -m kedro run`` in a copy of the project, with real
-signals (SIGKILL, SIGINT), real files and a real MLflow store; nothing is mocked. One
-complete tiny run is shared by the module (``finished``) and copied for each test that
-needs earlier results, so each test starts from the same state.
+Nothing is mocked: real files, a real MLflow store, Kedro's own session, runner and
+catalog. Cases about processes (signals, kills, two runs at once) run the real
+``python -m kedro run`` in a copy of the project; the others run the same session in this
+process (``in_process``) and check the error the CLI would print (its plain printing is
+tested once, in test_kedro_run). One complete tiny run is shared by the whole session
+(``finished``) and copied for each test that needs earlier results.
 """
 
 from __future__ import annotations
@@ -28,38 +30,27 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from imsvd_pipelines.cli import project_error
 from PIL import Image
 
-from conftest import REPO, copy_project, kedro, kedro_env
+from conftest import REPO, copy_of, kedro, kedro_env, tiny_params, tiny_tree
+from imsvd.errors import ImsvdError, TrainingError, UntrustedFileError
 
 pytestmark = pytest.mark.slow
 
-# Tiny but real: 1,347 digit training images, batch 16, a few steps per epoch.
-TINY = {
-    "pretrain.epochs": "2",
-    "pretrain.batch_size": "16",
-    "pretrain.max_steps_per_epoch": "4",
-    "pretrain.width": "0.125",
-    "pretrain.projector": "128-128",
-    "pretrain.bin_size": "16",
-    "pretrain.log_every_n_steps": "1",
-    "augment.views": "2",
-    "augment.size": "8",
-    "evaluate.linear_epochs": "5",
-}
 PNG = b"\x89PNG\r\n\x1a\n"
 CHECKPOINTS = Path("data/06_models/checkpoints")
 ENCODER = Path("data/06_models/encoder.pt")
 IMAGES = Path("data/03_primary/images.npz")
 CATALOG = yaml.safe_load((REPO / "conf/base/catalog.yml").read_text())
+
+
+def file_entry(entry: dict) -> dict:
+    """The dataset that owns the file (a CachedDataset wraps it)."""
+    return entry.get("dataset", entry)
+
+
 LOCK_MESSAGE = "another kedro run is using this project"
-FULL_RUN_SECONDS: list[float] = []  # how long the complete run of ``finished`` took
-
-
-def params(**overrides: str) -> str:
-    """``--params`` text: TINY with ``overrides`` (keys use ``__`` for the dot)."""
-    values = {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
-    return ",".join(f"{k}={v}" for k, v in values.items())
 
 
 def _default_sigint() -> None:
@@ -118,15 +109,6 @@ class KedroProcess:
         return code
 
 
-def copy_of(finished: Path, destination: Path) -> Path:
-    """The finished project with a fresh MLflow store (a copied store would point its
-    artifacts back into the original project)."""
-    shutil.copytree(finished, destination, symlinks=True)
-    (destination / "mlflow.db").unlink(missing_ok=True)
-    shutil.rmtree(destination / "mlruns", ignore_errors=True)
-    return destination
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -142,23 +124,18 @@ def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def assert_plain_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode != 0, result.stdout[-2000:]
-    for needle in needles:
-        assert needle in result.stderr, f"{needle!r} not in:\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
-
-
 def load_every_output(project: Path) -> list[str]:
     """Load each catalog output that exists with its own dataset class, and every checkpoint.
 
     Raises (fails the test) on a truncated or half-written file.
     """
-    import imsvd.kedro_datasets as datasets
+    import imsvd_pipelines.datasets as datasets
+
     from imsvd.checkpoints import load_weights
 
     loaded = []
     for name, entry in CATALOG.items():
+        entry = file_entry(entry)
         path = project / entry["filepath"]
         if not path.is_file():
             continue
@@ -185,7 +162,7 @@ def stray_files(project: Path) -> list[Path]:
     Temporaries are ``.<name>.<random>.tmp`` (hidden, never a catalog path): a file here
     would be something a reader could mistake for an output.
     """
-    known = {project / entry["filepath"] for entry in CATALOG.values()}
+    known = {project / file_entry(entry)["filepath"] for entry in CATALOG.values()}
     strays = []
     for path in (project / "data").rglob("*"):
         if not path.is_file() or path.name.startswith(".") or path in known:
@@ -206,16 +183,6 @@ def mlflow_runs(project: Path) -> list:
     return mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """One complete tiny ``kedro run`` (validate, augment, pretrain, evaluate)."""
-    project = copy_project(tmp_path_factory.mktemp("finished") / "project")
-    started = time.monotonic()
-    kedro(project, "run", "--params", params())
-    FULL_RUN_SECONDS.append(time.monotonic() - started)
-    return project
-
-
 # --------------------------------------------------------------------------- 1, 2: signals
 
 
@@ -223,7 +190,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_with_the_same_number_of_steps(fini
     project = copy_of(finished, tmp_path / "project")
     shutil.rmtree(project / CHECKPOINTS)
     steps = 30  # long enough an epoch that the kill surely lands inside epoch 2
-    args = ("run", "--pipeline=pretrain", "--params", params(pretrain__max_steps_per_epoch=str(steps)))
+    args = ("run", "--pipeline=pretrain", "--params", tiny_params(pretrain__max_steps_per_epoch=str(steps)))
 
     run = KedroProcess(project, *args)
     run.wait_for(f"epoch 2/2 step {steps + 2}")  # epoch 1 checkpointed, epoch 2 two steps in
@@ -254,7 +221,12 @@ SIGINT_STEPS = 30  # steps per epoch in the SIGINT test
 def test_sigint_saves_interrupted_checkpoint_and_rerun_resumes(finished, tmp_path):
     project = copy_of(finished, tmp_path / "project")
     shutil.rmtree(project / CHECKPOINTS)
-    args = ("run", "--pipeline=pretrain", "--params", params(pretrain__max_steps_per_epoch=str(SIGINT_STEPS)))
+    args = (
+        "run",
+        "--pipeline=pretrain",
+        "--params",
+        tiny_params(pretrain__max_steps_per_epoch=str(SIGINT_STEPS)),
+    )
 
     run = KedroProcess(project, *args)
     # Signal early in epoch 2, leaving most of the epoch as margin on a loaded machine.
@@ -269,7 +241,7 @@ def test_sigint_saves_interrupted_checkpoint_and_rerun_resumes(finished, tmp_pat
     assert interrupted["global_step"] >= SIGINT_STEPS + 2
     assert digest(project / CHECKPOINTS / "last.ckpt") == before  # intact, still epoch 1
     assert checkpoint(project / CHECKPOINTS / "last.ckpt")["global_step"] == SIGINT_STEPS
-    assert not (project / ENCODER).exists() or digest(project / ENCODER) == digest(finished / ENCODER)
+    assert not (project / ENCODER).exists() or digest(project / ENCODER) == digest(finished.path / ENCODER)
     assert [r.info.status for r in mlflow_runs(project)] != ["RUNNING"]
 
     rerun = kedro(project, *args)
@@ -284,8 +256,8 @@ def test_killed_full_runs_leave_only_complete_outputs(finished, tmp_path):
     project = copy_of(finished, tmp_path / "project")
     complete = load_every_output(project)
     # A new pretraining seed: every stage after validate writes its outputs again.
-    args = ("run", "--params", params(pretrain__seed="1"))
-    duration = FULL_RUN_SECONDS[0]
+    args = ("run", "--params", tiny_params(pretrain__seed="1"))
+    duration = finished.seconds
     rng = random.Random(20240611)
     for delay in sorted(rng.uniform(0.1, 0.9) * duration for _ in range(3)):
         run = KedroProcess(project, *args)
@@ -302,14 +274,22 @@ def test_killed_full_runs_leave_only_complete_outputs(finished, tmp_path):
 # --------------------------------------------------------------------------- 4, 5: training faults
 
 
-def test_non_finite_loss_stops_plainly_and_keeps_the_good_encoder(finished, tmp_path):
+def raised(error: pytest.ExceptionInfo, kind: type = ImsvdError) -> str:
+    """The project error behind what the run raised (what the CLI prints plainly), as text."""
+    found = project_error(error.value)
+    assert isinstance(found, kind), repr(error.value)
+    return str(found)
+
+
+def test_non_finite_loss_stops_plainly_and_keeps_the_good_encoder(finished, tmp_path, in_process):
     project = copy_of(finished, tmp_path / "project")
     before = snapshot(project)
-    result = kedro(
-        project, "run", "--pipeline=pretrain", "--params", params(pretrain__base_lr="1e30"), check=False
-    )
-    assert_plain_error(result, "non-finite loss at step", "total=nan", "pretrain.base_lr")
-    assert re.search(r"at step \d+", result.stderr)
+    with pytest.raises(Exception) as info:
+        in_process(project, "pretrain", tiny_tree(pretrain__base_lr="1e30"))
+    message = raised(info, TrainingError)
+    for needle in ("non-finite loss at step", "total=nan", "pretrain.base_lr"):
+        assert needle in message
+    assert re.search(r"at step \d+", message)
     after = snapshot(project)
     for relative in (str(ENCODER), str(CHECKPOINTS / "last.ckpt"), str(CHECKPOINTS / "best.ckpt")):
         assert after[relative] == before[relative], relative
@@ -317,7 +297,7 @@ def test_non_finite_loss_stops_plainly_and_keeps_the_good_encoder(finished, tmp_
 
 
 def _evaluation_inputs():
-    from imsvd.config import EvaluateConfig, PretrainConfig
+    from imsvd.config import EvaluateConfig, IMSVDConfig, PretrainConfig
     from imsvd.data import TEST, TRAIN, ImageData
     from imsvd.models import build_encoder
     from imsvd.sources import load_digits
@@ -329,7 +309,7 @@ def _evaluation_inputs():
     data = ImageData(
         data.images[keep], data.labels[keep], data.splits[keep], data.ids[keep], data.class_names
     )
-    cfg = PretrainConfig(width=0.125, projector="128-128", bin_size=16)
+    cfg = PretrainConfig(width=0.125, projector="128-128", imsvd=IMSVDConfig(bin_size=16))
     torch.manual_seed(0)
     encoder = build_encoder(cfg.backbone, cfg.width, cfg.projector_dims, 1)
     payload = {
@@ -352,14 +332,14 @@ def test_collapse_is_flagged_with_a_reason_and_a_warning(caplog):
     collapsed["state_dict"][last_weight] = torch.zeros_like(healthy["state_dict"][last_weight])
 
     with caplog.at_level(logging.WARNING, logger="imsvd.evaluate"):
-        bad = evaluate.metrics(data, evaluate.embed(data, collapsed, cfg), cfg)
+        bad = evaluate.compute_metrics(data, evaluate.embed(data, collapsed, cfg), cfg)
     assert bad["collapsed"] is True
     assert bad["collapse_reason"]
     assert any("representation collapse" in r.getMessage() for r in caplog.records)
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="imsvd.evaluate"):
-        good = evaluate.metrics(data, evaluate.embed(data, healthy, cfg), cfg)
+        good = evaluate.compute_metrics(data, evaluate.embed(data, healthy, cfg), cfg)
     assert good["collapsed"] is False and "collapse_reason" not in good
     assert not any("representation collapse" in r.getMessage() for r in caplog.records)
 
@@ -391,7 +371,7 @@ def _write_images(path: Path, images: np.ndarray, template: Path) -> None:
     ],
 )
 def test_later_stages_refuse_data_the_validation_did_not_accept(
-    finished, tmp_path, pipeline, damage, needles
+    finished, tmp_path, in_process, pipeline, damage, needles
 ):
     project = copy_of(finished, tmp_path / "project")
     images = project / IMAGES
@@ -407,8 +387,11 @@ def test_later_stages_refuse_data_the_validation_did_not_accept(
     else:
         (project / "data/08_reporting/validation.json").unlink()
     before = snapshot(project)
-    result = kedro(project, "run", f"--pipeline={pipeline}", "--params", params(), check=False)
-    assert_plain_error(result, *needles)
+    with pytest.raises(Exception) as info:
+        in_process(project, pipeline, tiny_tree())
+    message = raised(info)
+    for needle in needles:
+        assert needle in message
     assert snapshot(project) == before
 
 
@@ -430,19 +413,19 @@ def _bad_idx_folder(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["wrong_type", "nested_typo", "idx_magic", "other_architecture"])
-def test_misconfiguration_stops_before_any_work(finished, tmp_path, case):
+def test_misconfiguration_stops_before_any_work(finished, tmp_path, in_process, case):
     project = copy_of(finished, tmp_path / "project")
     if case == "wrong_type":
-        pipeline, extra, needles = "pretrain", "pretrain.epochs=abc", ["pretrain.epochs", "integer"]
+        pipeline, extra, needles = "pretrain", {"pretrain__epochs": "abc"}, ["pretrain.epochs", "integer"]
     elif case == "nested_typo":
         pipeline, extra, needles = (
-            "augment",
-            "augment.veiws=2",
-            ["augment.veiws", "did you mean augment.views"],
+            "pretrain",
+            {"pretrain__imsvd__bin_sise": "16"},
+            ["pretrain.imsvd.bin_sise", "did you mean pretrain.imsvd.bin_size"],
         )
     elif case == "idx_magic":
         folder = _bad_idx_folder(tmp_path / "idx")
-        pipeline, extra = "validate", f"data.source=fashion_mnist,data.path={folder}"
+        pipeline, extra = "validate", {"data__source": "fashion_mnist", "data__path": str(folder)}
         needles = [str(folder / "train-images-idx3-ubyte"), "magic number"]
     else:
         from imsvd.checkpoints import load_weights
@@ -450,11 +433,13 @@ def test_misconfiguration_stops_before_any_work(finished, tmp_path, case):
         payload = load_weights(project / ENCODER)
         payload["config"] = {**payload["config"], "width": 0.25}  # weights are width 0.125
         torch.save(payload, project / ENCODER)
-        pipeline, extra, needles = "evaluate", "", ["do not match the architecture", "width 0.25"]
+        pipeline, extra, needles = "evaluate", {}, ["do not match the architecture", "width 0.25"]
     before = snapshot(project)
-    text = params() + (f",{extra}" if extra else "")
-    result = kedro(project, "run", f"--pipeline={pipeline}", "--params", text, check=False)
-    assert_plain_error(result, *needles)
+    with pytest.raises(Exception) as info:
+        in_process(project, pipeline, tiny_tree(**extra))
+    message = raised(info)
+    for needle in needles:
+        assert needle in message
     assert snapshot(project) == before
 
 
@@ -475,7 +460,7 @@ def _crafted_encoder(path: Path, marker: Path, template: dict) -> None:
     torch.save({**template, "note": _CreatesMarker(marker)}, path)
 
 
-def test_encoder_with_pickled_code_is_refused_and_never_run(finished, tmp_path):
+def test_encoder_with_pickled_code_is_refused_and_never_run(finished, tmp_path, in_process):
     from imsvd.checkpoints import load_weights
 
     project = copy_of(finished, tmp_path / "project")
@@ -488,8 +473,10 @@ def test_encoder_with_pickled_code_is_refused_and_never_run(finished, tmp_path):
 
     marker = tmp_path / "marker"
     _crafted_encoder(project / ENCODER, marker, template)
-    result = kedro(project, "run", "--pipeline=evaluate", "--params", params(), check=False)
-    assert_plain_error(result, str(ENCODER), "refusing to load")
+    with pytest.raises(Exception) as info:
+        in_process(project, "evaluate", tiny_tree())
+    message = raised(info, UntrustedFileError)
+    assert str(ENCODER) in message and "refusing to load" in message
     assert not marker.exists()
 
 
@@ -531,7 +518,7 @@ def test_servers_listen_on_localhost_by_default():
 def test_two_runs_at_once_one_waits_its_turn_or_is_refused(finished, tmp_path):
     project = copy_of(finished, tmp_path / "project")
     # One more epoch than the finished run: the winner resumes and trains for a while.
-    args = ("run", "--pipeline=pretrain", "--params", params(pretrain__epochs="3"))
+    args = ("run", "--pipeline=pretrain", "--params", tiny_params(pretrain__epochs="3"))
     runs = [KedroProcess(project, *args), KedroProcess(project, *args)]
     codes = [run.wait() for run in runs]
     refused = [run for run, code in zip(runs, codes, strict=True) if code != 0]

@@ -3,43 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import logging
 
 import mlflow
 import pytest
+import yaml
+from imsvd_pipelines.cli import project_error
 
-from conftest import kedro
+from conftest import TINY, TINY_STEPS_PER_EPOCH, copy_of, kedro, tiny_tree
+from imsvd.errors import ImsvdError
 
 pytestmark = pytest.mark.slow
 
-TINY = ",".join(
-    [
-        "pretrain.epochs=2",
-        "pretrain.batch_size=64",
-        "pretrain.base_lr=1.6",
-        "pretrain.width=0.125",
-        "pretrain.projector=128-128",
-        "pretrain.bin_size=16",
-        "augment.views=2",
-        "augment.size=8",
-        "evaluate.linear_epochs=20",
-    ]
-)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """One default ``kedro run`` (all four pipelines) on the embedded digits."""
-    from conftest import copy_project
-
-    project = copy_project(tmp_path_factory.mktemp("run") / "project")
-    kedro(project, "run", "--params", TINY)
-    return project
-
-
 def test_default_run_writes_every_output(finished):
-    data = finished / "data"
+    data = finished.path / "data"
     for relative in [
         "03_primary/images.npz",
         "03_primary/manifest.csv",
@@ -73,20 +53,22 @@ def test_default_run_writes_every_output(finished):
 
 
 def test_one_mlflow_run_holds_params_curves_metrics_artifacts_and_model(finished):
-    mlflow.set_tracking_uri(f"sqlite:///{finished / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{finished.path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["imsvd"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["pretrain.bin_size"] == "16"
+    assert run.data.params["pretrain.imsvd.bin_size"] == TINY["pretrain.imsvd.bin_size"]
     assert run.data.params["data.source"] == "digits"
     assert {"git.revision", "data.fingerprint", "imsvd.reproduction"} <= set(run.data.tags)
     client = mlflow.MlflowClient()
-    steps = len((finished / "data/07_model_output/pretrain_history.csv").read_text().splitlines()) - 1
+    steps = len((finished.path / "data/07_model_output/pretrain_history.csv").read_text().splitlines()) - 1
+    epochs, every = int(TINY["pretrain.epochs"]), int(TINY["pretrain.log_every_n_steps"])
+    assert steps == epochs * TINY_STEPS_PER_EPOCH
     curve = client.get_metric_history(run.info.run_id, "train/total_step")
-    assert len(curve) == steps // 5  # pretrain.log_every_n_steps: 5
-    assert len(client.get_metric_history(run.info.run_id, "train/total_epoch")) == 2
-    assert len(client.get_metric_history(run.info.run_id, "train/images_per_second")) == steps // 5
+    assert len(curve) == steps // every
+    assert len(client.get_metric_history(run.info.run_id, "train/total_epoch")) == epochs
+    assert len(client.get_metric_history(run.info.run_id, "train/images_per_second")) == steps // every
     assert "knn_top1" in run.data.metrics and "lr-SGD" in run.data.metrics
     artifacts = {
         a.path
@@ -98,24 +80,49 @@ def test_one_mlflow_run_holds_params_curves_metrics_artifacts_and_model(finished
     assert [m.name for m in models] == ["encoder"]
 
 
-def test_rerun_resumes_and_says_from_which_epoch(finished):
-    result = kedro(finished, "run", "--pipeline=pretrain", "--params", TINY.replace("epochs=2", "epochs=3"))
-    log = result.stdout + result.stderr
-    assert "resuming from" in log and "at epoch 2" in log
+def test_rerun_resumes_and_says_from_which_epoch(finished, tmp_path, in_process, caplog):
+    project = copy_of(finished, tmp_path / "project")
+    # One more epoch, and more cache-building processes: augment.workers changes no view,
+    # so the run still resumes where the finished one stopped.
+    caplog.set_level(logging.INFO, logger="imsvd")
+    in_process(project, "pretrain", tiny_tree(pretrain__epochs="3", augment__workers="1"))
+    assert "resuming from" in caplog.text and "at epoch 2" in caplog.text
+    caplog.clear()
+    in_process(project, "pretrain", tiny_tree(pretrain__epochs="4", augment__scale_min="0.3"))
+    assert "different parameters: starting fresh" in caplog.text  # other views: no resume
 
 
 @pytest.mark.parametrize(
     ("params", "needle"),
     [
-        ("pretrain.bin_size=30", "pretrain.bin_size"),
-        ("pretrain.bin_sze=16", "did you mean pretrain.bin_size"),
+        ("pretrain.imsvd.bin_size=30", "pretrain.imsvd.bin_size"),
+        ("pretrain.bin_size=16", "did you mean pretrain.imsvd.bin_size"),
         ("pretrain.base_lr=-1", "pretrain.base_lr"),
         ("data.source=image_folder,data.path=/no/such/folder", "/no/such/folder"),
     ],
 )
-def test_bad_configuration_stops_with_a_clear_message(project, params, needle):
+def test_bad_configuration_stops_with_a_clear_message(project, in_process, params, needle):
     pipeline = "validate" if params.startswith("data.") else "pretrain"
-    result = kedro(project, "run", f"--pipeline={pipeline}", "--params", params, check=False)
-    assert result.returncode != 0
-    assert needle in result.stderr
+    tree = {}
+    for item in params.split(","):
+        key, value = item.split("=")
+        *parents, leaf = key.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(value)
+    with pytest.raises(ImsvdError) as info:
+        in_process(project, pipeline, tree)
+    assert needle in str(project_error(info.value))
+    assert not (project / "data/06_models/encoder.pt").exists()
+
+
+def test_the_cli_shows_a_bad_parameter_plainly_and_exits_non_zero(project):
+    # The process boundary itself: exit status and message, no traceback. Every other
+    # configuration error goes through the same handler (imsvd_pipelines.cli).
+    result = kedro(
+        project, "run", "--pipeline=pretrain", "--params", "pretrain.imsvd.bin_sze=16", check=False
+    )
+    assert result.returncode == 1
+    assert "did you mean pretrain.imsvd.bin_size" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

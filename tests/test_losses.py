@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from imsvd.config import PretrainConfig
+from imsvd.config import BarlowTwinsConfig, IMSVDConfig, PretrainConfig, SimCLRConfig, VICRegConfig
 from imsvd.errors import ConfigError
 from imsvd.losses import (
     BarlowTwinsLoss,
@@ -389,12 +389,20 @@ def test_baselines_symmetric_and_prefer_aligned_views(loss) -> None:
 )
 def test_loss_for_method(method: str, result_type: type) -> None:
     cfg = PretrainConfig(
-        method=method, projector="32-24", bin_size=6, temperature=0.4,
-        diagonal_coeff=1.5, off_block_coeff=0.5, invariance_coeff=2.0,
+        method=method, projector="32-24",
+        imsvd=IMSVDConfig(bin_size=6, temperature=0.4, diagonal_coeff=1.5, off_block_coeff=0.5, invariance_coeff=2.0),
+        barlow_twins=BarlowTwinsConfig(lambda_offdiag=0.01),
+        vicreg=VICRegConfig(sim_coeff=10.0, std_coeff=20.0, cov_coeff=2.0),
+        simclr=SimCLRConfig(temperature=0.2),
     )  # fmt: skip
     z1, z2 = _pair(6, 24, seed=51)
     result = loss_for_method(cfg)(z1, z2)
     assert isinstance(result, result_type)
     assert math.isfinite(float(result.total.detach()))
-    if method == "imsvd":
-        torch.testing.assert_close(result.total, imsvd_loss(z1, z2, 6, 0.4, 1.5, 0.5, 2.0).total)
+    expected = {
+        "imsvd": lambda: imsvd_loss(z1, z2, 6, 0.4, 1.5, 0.5, 2.0),
+        "barlow_twins": lambda: barlow_twins_loss(z1, z2, 0.01),
+        "vicreg": lambda: vicreg_loss(z1, z2, 10.0, 20.0, 2.0),
+        "simclr": lambda: simclr_loss(z1, z2, 0.2),
+    }[method]()
+    torch.testing.assert_close(result.total, expected.total)

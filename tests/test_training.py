@@ -14,12 +14,13 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from imsvd.augment import build_view_cache, channel_stats, pair_dataset
-from imsvd.checkpoints import load_weights
-from imsvd.config import AugmentConfig, PretrainConfig
+from imsvd.augment import build_view_cache, pair_dataset
+from imsvd.checkpoints import encoder_payload, load_encoder, load_weights
+from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
 from imsvd.errors import TrainingError, UntrustedFileError
 from imsvd.optim import LARS, warmup_cosine
-from imsvd.training import LAST, RunIdentity, encoder_payload, load_encoder, pretrain
+from imsvd.preprocess import channel_stats
+from imsvd.training import LAST, RunIdentity, pretrain
 
 STEPS_PER_EPOCH = 4  # 256 images, batch 64
 
@@ -42,7 +43,7 @@ def tiny(tmp_path: Path, **overrides) -> PretrainConfig:
     values = dict(
         width=0.125,
         projector="128-128",
-        bin_size=16,
+        imsvd=IMSVDConfig(bin_size=16),
         epochs=2,
         batch_size=64,
         base_lr=1.6,
@@ -57,7 +58,7 @@ def tiny(tmp_path: Path, **overrides) -> PretrainConfig:
 
 def run(pairs, digits, cfg, fingerprint="digits-fp"):
     mean, std = channel_stats(digits)
-    return pretrain(pairs, "cache", 1, mean, std, cfg, RunIdentity.of(cfg, {}, fingerprint))
+    return pretrain(pairs, "cache", 1, mean, std, cfg, RunIdentity.of(cfg, AugmentConfig(), fingerprint))
 
 
 def test_loss_falls_and_every_term_is_logged(pairs, digits, tmp_path):
@@ -90,7 +91,7 @@ def test_rerun_resumes_from_last_checkpoint(pairs, digits, tmp_path, caplog):
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"temperature": 0.5}, "different parameters"),
+        ({"imsvd": IMSVDConfig(bin_size=16, temperature=0.5)}, "different parameters"),
         ({"resume": False}, "pretrain.resume=false"),
     ],
 )
@@ -142,21 +143,41 @@ def test_checkpoint_with_pickled_code_is_refused(pairs, digits, tmp_path):
     assert not marker.exists()
 
 
+def _payload(result, cfg, digits, extra):
+    mean, std = channel_stats(digits)
+    return encoder_payload(result.module.encoder, cfg, 1, mean, std, image_size=8, extra=extra)
+
+
 def test_encoder_payload_round_trips_with_weights_only(pairs, digits, tmp_path):
-    result = run(pairs, digits, tiny(tmp_path, epochs=1))
-    payload = encoder_payload(result, image_size=8, extra={"data_fingerprint": "digits-fp"})
+    cfg = tiny(tmp_path, epochs=1)
+    result = run(pairs, digits, cfg)
+    payload = _payload(result, cfg, digits, {"data_fingerprint": "digits-fp"})
     path = tmp_path / "encoder.pt"
     torch.save(payload, path)
-    encoder, loaded = load_encoder(load_weights(path))
+    stored = load_weights(path)
+    loaded = load_encoder(stored)
     x = torch.randn(5, 1, 8, 8)
     result.module.encoder.eval()
-    torch.testing.assert_close(encoder(x)[1], result.module.encoder(x)[1])
-    assert loaded["data_fingerprint"] == "digits-fp"
+    torch.testing.assert_close(loaded.encoder(x)[1], result.module.encoder(x)[1])
+    assert loaded.config == cfg  # the typed parameters, as trained
+    assert (loaded.in_channels, loaded.image_size) == (1, 8)
+    assert loaded.mean == pytest.approx(channel_stats(digits)[0])
+    assert stored["data_fingerprint"] == "digits-fp"
+
+
+def test_encoder_file_from_before_the_method_sections_still_loads(pairs, digits, tmp_path):
+    cfg = tiny(tmp_path, epochs=1)
+    payload = _payload(run(pairs, digits, cfg), cfg, digits, {})
+    legacy = {
+        k: v for k, v in payload["config"].items() if k not in ("imsvd", "vicreg", "simclr", "barlow_twins")
+    }
+    legacy.update(bin_size=16, temperature=1.0)
+    assert load_encoder({**payload, "config": legacy}).config.imsvd == IMSVDConfig(bin_size=16)
 
 
 def test_encoder_from_another_architecture_is_refused(pairs, digits, tmp_path):
-    result = run(pairs, digits, tiny(tmp_path, epochs=1))
-    payload = encoder_payload(result, image_size=8, extra={})
+    cfg = tiny(tmp_path, epochs=1)
+    payload = _payload(run(pairs, digits, cfg), cfg, digits, {})
     payload["config"] = dataclasses.asdict(tiny(tmp_path, width=0.25))
     with pytest.raises(UntrustedFileError, match="do not match the architecture"):
         load_encoder(payload)
@@ -191,7 +212,7 @@ def test_each_epoch_draws_a_fresh_pair_of_views():
     from torch.utils.data import DataLoader
 
     from imsvd.augment import CachedPairDataset
-    from imsvd.training import _SetEpoch
+    from imsvd.training.callbacks import SetEpoch
 
     views = np.random.default_rng(0).integers(0, 255, (8, 6, 1, 4, 4), dtype=np.uint8)
     seen: list[torch.Tensor] = []
@@ -210,7 +231,7 @@ def test_each_epoch_draws_a_fresh_pair_of_views():
 
     trainer = L.Trainer(
         max_epochs=2,
-        callbacks=[_SetEpoch()],
+        callbacks=[SetEpoch()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -233,8 +254,9 @@ SIGTERM_SCRIPT = """
 import sys
 import numpy as np
 from sklearn.datasets import load_digits
-from imsvd.augment import build_view_cache, channel_stats, pair_dataset
-from imsvd.config import AugmentConfig, PretrainConfig
+from imsvd.augment import build_view_cache, pair_dataset
+from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
+from imsvd.preprocess import channel_stats
 from imsvd.training import RunIdentity, pretrain
 
 folder = sys.argv[1]
@@ -242,9 +264,9 @@ images = (load_digits().images * (255 / 16)).round().astype(np.uint8)[..., None]
 aug = AugmentConfig(size=8, views=4, cache_dir=folder + "/views")
 build_view_cache(images, "fp", aug, progress=False)
 dataset, _ = pair_dataset(images, "fp", aug, use_cache=True, seed=0)
-cfg = PretrainConfig(width=0.125, projector="128-128", bin_size=16, epochs=500, batch_size=64,
-                     checkpoint_dir=folder + "/checkpoints", accelerator="cpu", devices="1")
-pretrain(dataset, "cache", 1, *channel_stats(images), cfg, RunIdentity.of(cfg, {}, "fp"))
+cfg = PretrainConfig(width=0.125, projector="128-128", imsvd=IMSVDConfig(bin_size=16), epochs=500,
+                     batch_size=64, checkpoint_dir=folder + "/checkpoints", accelerator="cpu", devices="1")
+pretrain(dataset, "cache", 1, *channel_stats(images), cfg, RunIdentity.of(cfg, aug, "fp"))
 """
 
 

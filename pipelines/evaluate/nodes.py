@@ -41,7 +41,9 @@ def compute_metrics(
     validated_images: ImageData, embeddings: Embeddings, evaluate_params: dict[str, Any]
 ) -> dict[str, Any]:
     """kNN, linear probe, redundancy and discrete-code metrics as flat keys."""
-    return evaluate.metrics(validated_images, embeddings, parse(EvaluateConfig, evaluate_params, "evaluate"))
+    return evaluate.compute_metrics(
+        validated_images, embeddings, parse(EvaluateConfig, evaluate_params, "evaluate")
+    )
 
 
 def draw_pictures(

@@ -8,12 +8,14 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from imsvd.augment import channel_stats, pair_dataset
+from imsvd.augment import pair_dataset
+from imsvd.checkpoints import encoder_payload
 from imsvd.config import AugmentConfig, PretrainConfig, parse
 from imsvd.data import TRAIN, ImageData
 from imsvd.plots import loss_curve_figure
+from imsvd.preprocess import channel_stats
 from imsvd.tracking import lightning_logger
-from imsvd.training import RunIdentity, encoder_payload, pretrain
+from imsvd.training import RunIdentity, pretrain
 from imsvd.validation import require_validated
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,22 @@ def pretrain_encoder(
     use_cache = cfg.use_cache and view_cache_manifest is not None
     dataset, source = pair_dataset(train, fingerprint, augment, use_cache=use_cache, seed=cfg.seed)
     mean, std = channel_stats(train)
-    identity = RunIdentity.of(cfg, augment_params, fingerprint)
+    identity = RunIdentity.of(cfg, augment, fingerprint)
     result = pretrain(dataset, source, train.shape[-1], mean, std, cfg, identity, logger=lightning_logger())
     if result.resumed_from_epoch is not None:
         log.info("resumed from epoch %d", result.resumed_from_epoch)
     payload = encoder_payload(
-        result,
+        result.module.encoder,
+        cfg,
+        in_channels=train.shape[-1],
+        mean=mean,
+        std=std,
         image_size=augment.size,
-        extra={"data_fingerprint": fingerprint, "view_source": source, "train_seconds": result.seconds},
+        extra={
+            "identity": identity.as_dict(),
+            "data_fingerprint": fingerprint,
+            "view_source": source,
+            "train_seconds": result.seconds,
+        },
     )
     return payload, result.history, loss_curve_figure(result.history)

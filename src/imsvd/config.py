@@ -37,9 +37,9 @@ def parse(cls: type[T], values: Mapping[str, Any] | None, prefix: str) -> T:
         ConfigError: on an unknown key (with the closest known names), a wrong type,
             or whatever ``cls.__post_init__`` rejects.
     """
-    values = dict(values or {})
-    if not isinstance(values, dict):
+    if values is not None and not isinstance(values, Mapping):
         raise ConfigError(f"{prefix} must be a mapping, got {type(values).__name__}")
+    values = dict(values or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
@@ -49,7 +49,13 @@ def parse(cls: type[T], values: Mapping[str, Any] | None, prefix: str) -> T:
         hints_txt = []
         for key in unknown:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hints_txt.append(f"{prefix}.{key}" + (f" (did you mean {prefix}.{close[0]}?)" if close else ""))
+            nested = [
+                f"{name}.{key}"
+                for name, hint in hints.items()
+                if dataclasses.is_dataclass(hint) and key in {f.name for f in dataclasses.fields(hint)}
+            ]
+            guess = close[0] if close else (nested[0] if nested else None)
+            hints_txt.append(f"{prefix}.{key}" + (f" (did you mean {prefix}.{guess}?)" if guess else ""))
         raise ConfigError(f"unknown parameter(s): {', '.join(hints_txt)}; known: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(values[name], hints[name], f"{prefix}.{name}") for name in values}
     try:
@@ -63,6 +69,10 @@ def parse(cls: type[T], values: Mapping[str, Any] | None, prefix: str) -> T:
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be a mapping of parameters, got {value!r}")
+        return parse(hint, value, name)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -151,11 +161,16 @@ class ValidateConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """``augment.*``: the multiview augmentation recipe and its cache (reference CIFAR recipe)."""
+    """``augment.*``: the multiview augmentation recipe and its cache.
+
+    The defaults are those of ``parameters_augment.yml``: the reference CIFAR recipe
+    except the crop scale, which starts at 0.5 (the reference's 0.2 keeps too little of
+    an 8x8 digit); :func:`imsvd.augment.reference_cifar_recipe` gives the paper's values.
+    """
 
     views: int = 8
     size: int = 16
-    scale_min: float = 0.2
+    scale_min: float = 0.5
     scale_max: float = 1.0
     hflip_p: float = 0.5
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.1)
@@ -182,21 +197,88 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """``pretrain.*``: the self-supervised method, encoder and optimisation."""
+class IMSVDConfig:
+    """``pretrain.imsvd.*``: the soft discretization and the weights of the three terms.
 
-    method: str = "imsvd"
-    backbone: str = "resnet18_cifar"
-    width: float = 0.25
-    projector: str = "1024-1024-1024"
+    Field names are the keyword arguments of :func:`imsvd.losses.imsvd_loss`.
+    """
+
     bin_size: int = 32
     temperature: float = 1.0
     diagonal_coeff: float = 1.0
     off_block_coeff: float = 1.0
     invariance_coeff: float = 1.0
-    epochs: int = 20
+
+    def check(self, embedding_dim: int, prefix: str) -> None:
+        """Raise ``ConfigError`` unless the blocks fit an embedding of ``embedding_dim`` units."""
+        _check(self.bin_size >= 2, f"{prefix}.bin_size", f"must be at least 2, got {self.bin_size}")
+        _check(
+            embedding_dim % self.bin_size == 0,
+            f"{prefix}.bin_size",
+            f"({self.bin_size}) must divide the projector output size {embedding_dim} (pretrain.projector)",
+        )
+        _check(embedding_dim // self.bin_size >= 2, f"{prefix}.bin_size", "must leave at least two blocks")
+        _check(self.temperature > 0, f"{prefix}.temperature", f"must be positive, got {self.temperature}")
+        for name in ("diagonal_coeff", "off_block_coeff", "invariance_coeff"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class BarlowTwinsConfig:
+    """``pretrain.barlow_twins.*``: λ of the off-diagonal term (published: 5e-3)."""
+
+    lambda_offdiag: float = 5e-3
+
+    def check(self, embedding_dim: int, prefix: str) -> None:
+        _check(self.lambda_offdiag >= 0, f"{prefix}.lambda_offdiag", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class VICRegConfig:
+    """``pretrain.vicreg.*``: λ, μ, ν of the three terms (published: 25, 25, 1)."""
+
+    sim_coeff: float = 25.0
+    std_coeff: float = 25.0
+    cov_coeff: float = 1.0
+
+    def check(self, embedding_dim: int, prefix: str) -> None:
+        for name in ("sim_coeff", "std_coeff", "cov_coeff"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    """``pretrain.simclr.*``: the NT-Xent temperature (published CIFAR value: 0.5)."""
+
+    temperature: float = 0.5
+
+    def check(self, embedding_dim: int, prefix: str) -> None:
+        _check(self.temperature > 0, f"{prefix}.temperature", f"must be positive, got {self.temperature}")
+
+
+MethodConfig = IMSVDConfig | BarlowTwinsConfig | VICRegConfig | SimCLRConfig
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """``pretrain.*``: the self-supervised method, encoder and optimisation.
+
+    Settings every method shares live here; each method's own settings live in its
+    section (``pretrain.imsvd``, ``pretrain.vicreg`` ...), which is checked only when
+    ``pretrain.method`` chooses it.
+    """
+
+    method: str = "imsvd"
+    backbone: str = "resnet18_cifar"
+    width: float = 0.25
+    projector: str = "1024-1024-1024"
+    imsvd: IMSVDConfig = IMSVDConfig()
+    barlow_twins: BarlowTwinsConfig = BarlowTwinsConfig()
+    vicreg: VICRegConfig = VICRegConfig()
+    simclr: SimCLRConfig = SimCLRConfig()
+    epochs: int = 30
     batch_size: int = 256
-    base_lr: float = 0.1
+    base_lr: float = 0.4
     min_lr_ratio: float = 0.001
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
@@ -223,16 +305,7 @@ class PretrainConfig:
             f"must be one of {BACKBONES}, got {self.backbone!r}",
         )
         _check(self.width > 0, "pretrain.width", f"must be positive, got {self.width}")
-        dims = self.projector_dims
-        _check(self.bin_size >= 2, "pretrain.bin_size", f"must be at least 2, got {self.bin_size}")
-        if self.method == "imsvd":
-            _check(
-                dims[-1] % self.bin_size == 0,
-                "pretrain.bin_size",
-                f"({self.bin_size}) must divide the projector output size {dims[-1]} (pretrain.projector)",
-            )
-            _check(dims[-1] // self.bin_size >= 2, "pretrain.bin_size", "must leave at least two blocks")
-        _check(self.temperature > 0, "pretrain.temperature", f"must be positive, got {self.temperature}")
+        self.method_config.check(self.projector_dims[-1], f"pretrain.{self.method}")
         _check(self.epochs >= 1, "pretrain.epochs", f"must be at least 1, got {self.epochs}")
         _check(self.batch_size >= 2, "pretrain.batch_size", f"must be at least 2, got {self.batch_size}")
         _check(self.base_lr > 0, "pretrain.base_lr", f"must be positive, got {self.base_lr}")
@@ -253,6 +326,12 @@ class PretrainConfig:
         )
 
     @property
+    def method_config(self) -> MethodConfig:
+        """The section of the chosen method (``pretrain.<method>``)."""
+        section: MethodConfig = getattr(self, self.method)
+        return section
+
+    @property
     def projector_dims(self) -> tuple[int, ...]:
         """The projector spec as integers (``"1024-1024-1024"`` -> ``(1024, 1024, 1024)``)."""
         try:
@@ -271,7 +350,8 @@ class PretrainConfig:
         return self.base_lr * self.batch_size / 256
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """Parameters a checkpoint must share to be resumed (the number of epochs aside)."""
+        """Parameters a checkpoint must share to be resumed: those that shape training,
+        with the chosen method's section only (the number of epochs aside)."""
         skip = {
             "epochs",
             "resume",
@@ -282,6 +362,7 @@ class PretrainConfig:
             "strategy",
             "num_workers",
             "log_every_n_steps",
+            *(name for name in METHODS if name != self.method),
         }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 

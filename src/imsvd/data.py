@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -50,9 +51,14 @@ class ImageData:
             self.images[mask], self.labels[mask], self.splits[mask], self.ids[mask], self.class_names
         )
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """SHA-256 over pixels, labels, splits and ids: changes whenever the data does."""
+        """SHA-256 over pixels, labels, splits and ids: changes whenever the data does.
+
+        Computed once per object (hashing every pixel costs a second per 100 MB); the
+        arrays are never modified in place (nodes do not mutate their inputs), so the
+        cached value stays the data's.
+        """
         digest = hashlib.sha256()
         digest.update(str(self.images.shape).encode())
         digest.update(np.ascontiguousarray(self.images).tobytes())

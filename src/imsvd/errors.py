@@ -27,3 +27,9 @@ class TrainingError(ImsvdError, RuntimeError):
 
 class UntrustedFileError(ImsvdError):
     """A file carries content that is not allowed to be loaded (for example pickled code)."""
+
+
+def check_positive(value: float, name: str) -> None:
+    """Raise :class:`ConfigError` naming ``name`` unless ``value > 0`` (NaN fails too)."""
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")

@@ -1,8 +1,9 @@
 """The evaluation protocol: frozen features in, a flat metrics dict and pictures out.
 
-Composes :mod:`imsvd.evaluation` (metrics) and :mod:`imsvd.plots` (pictures) over the
-encoder from pretraining, with raw pixels and a randomly initialised encoder of the
-same architecture as baselines.
+The protocol (what is measured on which features, against which baselines) lives here;
+the metric functions themselves are in :mod:`imsvd.metrics` and the pictures in
+:mod:`imsvd.plots`. Baselines: raw pixels, and a randomly initialised encoder of the
+same architecture.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from imsvd.config import EvaluateConfig
+from imsvd.checkpoints import load_encoder
+from imsvd.config import EvaluateConfig, PretrainConfig
 from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
-from imsvd.evaluation import (
+from imsvd.inference import Features, extract_features, images_per_second
+from imsvd.losses import joint_distribution, soft_discretize
+from imsvd.metrics import (
     bin_usage,
     code_bits,
     code_knn_accuracy,
@@ -30,13 +34,15 @@ from imsvd.evaluation import (
     mean_abs_off_diagonal_correlation,
     off_block_mutual_information,
 )
-from imsvd.inference import Features, extract_features, images_per_second
-from imsvd.losses import joint_distribution, soft_discretize
 from imsvd.models import build_encoder
 from imsvd.plots import attribution_figure, bin_occupancy_figure, embedding_map_figure, joint_matrix_figure
-from imsvd.training import load_encoder
 
 log = logging.getLogger(__name__)
+
+UNLABELLED_NOTE = (
+    "kNN and linear probe skipped: the train and test splits must both be labelled "
+    "(image_folder: put images in train/<class>/ and test/<class>/)"
+)
 
 
 @dataclass(frozen=True)
@@ -50,36 +56,41 @@ class Embeddings:
     train_labels: np.ndarray
     test_labels: np.ndarray
     images_per_second: float
-    method: str
-    bin_size: int
-    temperature: float
+    config: PretrainConfig
+
+    @property
+    def is_imsvd(self) -> bool:
+        return self.config.method == "imsvd"
+
+
+def is_labelled(labels: np.ndarray) -> bool:
+    """True when a split has images and every one of them has a label."""
+    return bool(len(labels)) and bool((labels != UNLABELLED).all())
 
 
 def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig) -> Embeddings:
     """Features of both splits from the trained encoder and a seeded random one."""
-    encoder, payload = load_encoder(encoder_payload)
-    size, mean, std = payload["image_size"], payload["mean"], payload["std"]
-    pre = payload["config"]
+    loaded = load_encoder(encoder_payload)
+    pre = loaded.config
     torch.manual_seed(cfg.seed)
-    dims = tuple(int(d) for d in str(pre["projector"]).split("-"))
-    random_encoder = build_encoder(pre["backbone"], pre["width"], dims, payload["in_channels"])
+    random_encoder = build_encoder(pre.backbone, pre.width, pre.projector_dims, loaded.in_channels)
     train, test = data.split(TRAIN), data.split(TEST)
 
     def features(model: torch.nn.Module, split: ImageData) -> Features:
-        return extract_features(model, split.images, size, mean, std, cfg.batch_size)
+        return extract_features(
+            model, split.images, loaded.image_size, loaded.mean, loaded.std, cfg.batch_size
+        )
 
     log.info("extracting features of %d train and %d test images", len(train.images), len(test.images))
     return Embeddings(
-        train=features(encoder, train),
-        test=features(encoder, test),
+        train=features(loaded.encoder, train),
+        test=features(loaded.encoder, test),
         random_train=features(random_encoder, train),
         random_test=features(random_encoder, test),
         train_labels=train.labels,
         test_labels=test.labels,
-        images_per_second=images_per_second(encoder, payload["in_channels"], size),
-        method=pre["method"],
-        bin_size=int(pre["bin_size"]),
-        temperature=float(pre["temperature"]),
+        images_per_second=images_per_second(loaded.encoder, loaded.in_channels, loaded.image_size),
+        config=pre,
     )
 
 
@@ -87,7 +98,7 @@ def _percent(accuracies: dict[int, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}_top{k}": 100.0 * v for k, v in accuracies.items()}
 
 
-def _protocols(
+def downstream(
     train: np.ndarray,
     train_y: np.ndarray,
     test: np.ndarray,
@@ -95,6 +106,7 @@ def _protocols(
     cfg: EvaluateConfig,
     suffix: str = "",
 ) -> dict[str, float]:
+    """kNN (two protocols) and linear-probe accuracies of one feature set, in percent."""
     knn = knn_accuracy(train, train_y, test, test_y, k=cfg.knn_k, temperature=cfg.knn_temperature)
     knn_l = knn_accuracy(
         train, train_y, test, test_y, k=cfg.knn_k_lightly, temperature=cfg.knn_temperature_lightly
@@ -113,14 +125,11 @@ def _protocols(
     return {f"{k}{suffix}": v for k, v in out.items()}
 
 
-def metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Every evaluation figure as flat keys (``knn_top1``, ``effective_rank`` ...).
-
-    Accuracies are percentages. An unlabelled test split is reported (``labelled``: 0
-    and ``note``) instead of failing: the label-free metrics are still computed.
-    """
+def shape_metrics(emb: Embeddings) -> dict[str, Any]:
+    """Sizes, inference speed and redundancy of the projector outputs."""
     z = emb.test.projector
-    out: dict[str, Any] = {
+    rank = effective_rank(z)
+    return {
         "images_train": len(emb.train_labels),
         "images_test": len(emb.test_labels),
         "feature_dim": int(emb.train.backbone.shape[1]),
@@ -128,73 +137,93 @@ def metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> dict[str, 
         "bytes_per_embedding": int(emb.train.backbone.shape[1] * 4),
         "inference_images_per_second": float(emb.images_per_second),
         "mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(z),
-        "effective_rank": effective_rank(z),
+        "effective_rank": rank,
+        "effective_rank_ratio": rank / z.shape[1],
     }
-    out["effective_rank_ratio"] = out["effective_rank"] / z.shape[1]
-    usage = None
-    if emb.method == "imsvd":
-        codes = soft_discretize(torch.from_numpy(z), emb.bin_size, emb.temperature)
-        usage = bin_usage(codes)
-        flat = codes.reshape(len(z), -1)
-        out.update(
-            bin_entropy=usage["normalized_entropy"],
-            dead_bin_share=usage["dead_share"],
-            one_bin_block_share=usage["collapsed_block_share"],
-            off_block_mutual_information=off_block_mutual_information(
-                joint_distribution(flat, flat).numpy(), emb.bin_size, seed=cfg.seed
-            ),
-            code_bits=code_bits(z.shape[1] // emb.bin_size, emb.bin_size),
-        )
-    collapse = collapse_report(out["effective_rank"], z.shape[1], usage, cfg.collapse_rank_ratio)
-    out["collapsed"] = bool(collapse["collapsed"])
+
+
+def code_metrics(emb: Embeddings, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, float]]:
+    """IMSVD's soft codes of the test split: bin usage, redundancy between blocks, size.
+
+    Returns:
+        (metrics, bin usage) for the collapse check.
+    """
+    z = emb.test.projector
+    section = emb.config.imsvd
+    codes = soft_discretize(torch.from_numpy(z), section.bin_size, section.temperature)
+    usage = bin_usage(codes)
+    flat = codes.reshape(len(z), -1)
+    out = {
+        "bin_entropy": usage["normalized_entropy"],
+        "dead_bin_share": usage["dead_share"],
+        "one_bin_block_share": usage["collapsed_block_share"],
+        "off_block_mutual_information": off_block_mutual_information(
+            joint_distribution(flat, flat).numpy(), section.bin_size, seed=cfg.seed
+        ),
+        "code_bits": code_bits(z.shape[1] // section.bin_size, section.bin_size),
+    }
+    return out, usage
+
+
+def collapse_metrics(
+    rank: float, dim: int, usage: dict[str, float] | None, cfg: EvaluateConfig
+) -> dict[str, Any]:
+    """``collapsed`` and, when so, ``collapse_reason`` (also logged as a warning)."""
+    collapse = collapse_report(rank, dim, usage, cfg.collapse_rank_ratio)
+    out: dict[str, Any] = {"collapsed": bool(collapse["collapsed"])}
     if collapse["collapsed"]:
         log.warning("representation collapse: %s", collapse["reason"])
         out["collapse_reason"] = str(collapse["reason"])
+    return out
 
-    labelled = (
-        bool(len(emb.test_labels))
-        and bool((emb.test_labels != UNLABELLED).all())
-        and bool((emb.train_labels != UNLABELLED).all())
-    )
-    out["labelled"] = int(labelled)
-    if not labelled:
-        out["note"] = (
-            "kNN and linear probe skipped: the train and test splits must both be labelled "
-            "(image_folder: put images in train/<class>/ and test/<class>/)"
-        )
-        log.warning(out["note"])
-        return out
 
+def labelled_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> dict[str, float]:
+    """Accuracies of the trained encoder, its projector and codes, raw pixels, a random encoder."""
     ty, vy = emb.train_labels, emb.test_labels
-    out.update(_protocols(emb.train.backbone, ty, emb.test.backbone, vy, cfg))
-    out["knn_top1_projector"] = (
-        100.0
-        * knn_accuracy(
-            emb.train.projector,
-            ty,
-            emb.test.projector,
-            vy,
-            k=cfg.knn_k,
-            temperature=cfg.knn_temperature,
-            ks=(1,),
-        )[1]
+    out = downstream(emb.train.backbone, ty, emb.test.backbone, vy, cfg)
+    projector_knn = knn_accuracy(
+        emb.train.projector, ty, emb.test.projector, vy, k=cfg.knn_k, temperature=cfg.knn_temperature, ks=(1,)
     )
+    out["knn_top1_projector"] = 100.0 * projector_knn[1]
     raw_train = data.split(TRAIN).images.reshape(len(ty), -1).astype(np.float32) / 255.0
     raw_test = data.split(TEST).images.reshape(len(vy), -1).astype(np.float32) / 255.0
-    out.update(_protocols(raw_train, ty, raw_test, vy, cfg, "_raw_pixels"))
+    out.update(downstream(raw_train, ty, raw_test, vy, cfg, "_raw_pixels"))
     out.update(
-        _protocols(emb.random_train.backbone, ty, emb.random_test.backbone, vy, cfg, "_random_encoder")
+        downstream(emb.random_train.backbone, ty, emb.random_test.backbone, vy, cfg, "_random_encoder")
     )
-    if emb.method == "imsvd":
+    if emb.is_imsvd:
+        bin_size = emb.config.imsvd.bin_size
         out["code_knn_top1"] = 100.0 * code_knn_accuracy(
-            discrete_code(emb.train.projector, emb.bin_size),
+            discrete_code(emb.train.projector, bin_size),
             ty,
-            discrete_code(emb.test.projector, emb.bin_size),
+            discrete_code(emb.test.projector, bin_size),
             vy,
-            emb.bin_size,
+            bin_size,
             k=cfg.knn_k,
             temperature=cfg.knn_temperature,
         )
+    return out
+
+
+def compute_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Every evaluation figure as flat keys (``knn_top1``, ``effective_rank`` ...).
+
+    Accuracies are percentages. An unlabelled split is reported (``labelled``: 0 and
+    ``note``) instead of failing: the label-free metrics are still computed.
+    """
+    out = shape_metrics(emb)
+    usage = None
+    if emb.is_imsvd:
+        codes, usage = code_metrics(emb, cfg)
+        out.update(codes)
+    out.update(collapse_metrics(out["effective_rank"], out["embedding_dim"], usage, cfg))
+    labelled = is_labelled(emb.test_labels) and is_labelled(emb.train_labels)
+    out["labelled"] = int(labelled)
+    if labelled:
+        out.update(labelled_metrics(data, emb, cfg))
+    else:
+        out["note"] = UNLABELLED_NOTE
+        log.warning(UNLABELLED_NOTE)
     return {
         k: (float(v) if isinstance(v, (float, np.floating)) and math.isfinite(v) else v)
         for k, v in out.items()
@@ -205,11 +234,13 @@ def pictures(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> tuple[Fig
     """Joint matrix, per-variable attribution, bin occupancy and the 2-D embedding map."""
     test = data.split(TEST)
     z = torch.from_numpy(emb.test.projector)
-    bin_size = emb.bin_size if emb.method == "imsvd" else _display_bin(z.shape[1])
-    codes = soft_discretize(z, bin_size, emb.temperature)
+    section = emb.config.imsvd
+    bin_size = section.bin_size if emb.is_imsvd else _display_bin(z.shape[1])
+    temperature = section.temperature if emb.is_imsvd else 1.0
+    codes = soft_discretize(z, bin_size, temperature)
     flat = codes.reshape(len(z), -1)
     joint = joint_distribution(flat, flat).numpy()
-    labelled = bool(len(test.labels)) and bool((test.labels != UNLABELLED).all())
+    labelled = is_labelled(test.labels)
     labels = test.labels if labelled else np.zeros(len(test.labels), dtype=np.int64)
     names = list(data.class_names) if labelled else ["unlabelled"]
     return (

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from imsvd.models import Encoder
+from imsvd.preprocess import model_input
 
 
 @dataclass(frozen=True)
@@ -26,28 +27,23 @@ class Features:
     projector: np.ndarray
 
 
-def prepare(images: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> normalised float (N, C, size, size), resized with antialiasing."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    x = v2.Resize((size, size), antialias=True)(x)
-    x = v2.ToDtype(torch.float32, scale=True)(x)
-    return v2.Normalize(mean, std)(x)
-
-
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
     images: np.ndarray,
     size: int,
-    mean: list[float],
-    std: list[float],
+    mean: Sequence[float],
+    std: Sequence[float],
     batch_size: int = 256,
 ) -> Features:
-    """Backbone and projector outputs of the frozen encoder (eval mode) in batches."""
+    """Backbone and projector outputs of the frozen encoder (eval mode) in batches.
+
+    Images go through :func:`imsvd.preprocess.model_input`, the normalisation training uses.
+    """
     encoder.eval()
     backbone, projector = [], []
     for start in range(0, len(images), batch_size):
-        x = prepare(images[start : start + batch_size], size, mean, std)
+        x = model_input(images[start : start + batch_size], size, mean, std)
         h, z = encoder(x)
         backbone.append(h.float().numpy())
         projector.append(z.float().numpy())

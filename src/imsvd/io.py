@@ -11,9 +11,11 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, BinaryIO
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -57,13 +59,39 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
         handle.write(text)
 
 
+def sha256_stream(handle: BinaryIO, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of an open binary file from its start, read in chunks.
+
+    Hashing an open handle (rather than a path) lets a caller verify exactly the bytes
+    it goes on to map, even if another process renames a new file into place meanwhile.
+    """
+    handle.seek(0)
+    digest = hashlib.sha256()
+    while block := handle.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_stream(handle, chunk)
+
+
+def json_default(value: Any, fallback: Callable[[Any], Any] | None = None) -> Any:
+    """``json.dump``'s ``default`` for NumPy scalars and arrays and paths.
+
+    Anything else goes to ``fallback`` (for example ``str``), or raises ``TypeError``.
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if fallback is not None:
+        return fallback(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def _umask() -> int:

@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from imsvd.config import PretrainConfig
-from imsvd.errors import ConfigError
+from imsvd.errors import ConfigError, check_positive
 
 #: Lower bound of every soft-code probability, so that ``log P`` is always finite.
 PROB_FLOOR = 1e-8
@@ -89,11 +90,6 @@ def _check_bins(dim: int, bin_size: int, name: str = "z") -> int:
     return blocks
 
 
-def _check_positive(value: float, name: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, got {value!r}")
-
-
 def _as_float32_at_least(z: Tensor) -> Tensor:
     """Upcast half-precision inputs (autocast output) to float32; keep float32/float64."""
     return z.float() if z.dtype in _HALF_DTYPES else z
@@ -126,7 +122,7 @@ def soft_discretize(z: Tensor, bin_size: int, temperature: float = 1.0) -> Tenso
         shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
         raise ValueError(f"z must be a 2-D tensor (N, D), got {shape}")
     blocks = _check_bins(z.shape[1], bin_size)
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     logits = z.reshape(z.shape[0], blocks, bin_size)
     if temperature != 1.0:
         logits = logits / temperature
@@ -351,7 +347,7 @@ def imsvd_loss(
     """
     _check_views(z1, z2)
     blocks = _check_bins(z1.shape[1], bin_size, "z1")
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     z1, z2 = _as_float32_at_least(z1), _as_float32_at_least(z2)
     if z1.dtype != z2.dtype:
         common = torch.promote_types(z1.dtype, z2.dtype)
@@ -530,7 +526,7 @@ def simclr_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> SimCLRLoss:
         ValueError: on bad shapes; ConfigError on a non-positive temperature.
     """
     _check_views(z1, z2)
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     z1, z2 = _as_float32_at_least(z1), _as_float32_at_least(z2)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
@@ -544,29 +540,21 @@ def simclr_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> SimCLRLoss:
 # --------------------------------------------------------------------------- selection
 
 
-def loss_for_method(cfg: PretrainConfig) -> Callable[[Tensor, Tensor], NamedTuple]:
-    """The loss of ``cfg.method`` as a function of ``(z1, z2)``.
+LOSSES: dict[str, Callable[..., NamedTuple]] = {
+    "imsvd": imsvd_loss,
+    "barlow_twins": barlow_twins_loss,
+    "vicreg": vicreg_loss,
+    "simclr": simclr_loss,
+}
 
-    ``"imsvd"`` takes ``bin_size``, ``temperature`` and the three coefficients from
-    ``cfg``; the baselines use their published defaults.
+
+def loss_for_method(cfg: PretrainConfig) -> Callable[[Tensor, Tensor], NamedTuple]:
+    """The loss of ``cfg.method`` as a function of ``(z1, z2)``, with the keyword
+    arguments of that method's own section (``cfg.imsvd``, ``cfg.vicreg`` ...).
 
     Raises:
         ConfigError: on an unknown method.
     """
-    if cfg.method == "imsvd":
-        return functools.partial(
-            imsvd_loss,
-            bin_size=cfg.bin_size,
-            temperature=cfg.temperature,
-            diagonal_coeff=cfg.diagonal_coeff,
-            off_block_coeff=cfg.off_block_coeff,
-            invariance_coeff=cfg.invariance_coeff,
-        )
-    baselines: dict[str, Callable[[Tensor, Tensor], NamedTuple]] = {
-        "barlow_twins": barlow_twins_loss,
-        "vicreg": vicreg_loss,
-        "simclr": simclr_loss,
-    }
-    if cfg.method not in baselines:
-        raise ConfigError(f"pretrain.method {cfg.method!r} has no loss; known: imsvd, {', '.join(baselines)}")
-    return baselines[cfg.method]
+    if cfg.method not in LOSSES:
+        raise ConfigError(f"pretrain.method {cfg.method!r} has no loss; known: {', '.join(LOSSES)}")
+    return functools.partial(LOSSES[cfg.method], **dataclasses.asdict(cfg.method_config))

@@ -19,7 +19,7 @@ from matplotlib.colors import LogNorm, PowerNorm
 from matplotlib.figure import Figure
 
 from imsvd.errors import DataError
-from imsvd.evaluation import bin_occupancy, block_marginals
+from imsvd.metrics import bin_occupancy, block_marginals
 
 #: Columns of a training history that are not loss terms.
 HISTORY_META_COLUMNS = ("epoch", "step", "lr", "images_per_second")

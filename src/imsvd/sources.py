@@ -181,7 +181,6 @@ def load_digits(test_size: float, seed: int) -> ImageData:
         All 1,797 images in their bundled order, ids ``digits/<index>``.
     """
     from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = sklearn_digits()
     images = scale_digits(bunch.images)[..., np.newaxis]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,24 @@ def resolve_tracking_uri(configured: str | None, project_path: Path) -> str:
     return uri
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested parameters as dotted keys with string values (MLflow's limit: 6,000 chars)."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
+def param_value(value: Any) -> str:
+    """A parameter as MLflow stores it: a string of at most 6,000 characters."""
+    return str(value)[:6000]
+
+
+def flatten(
+    tree: Mapping[str, Any], prefix: str = "", leaf: Callable[[Any], Any] = param_value
+) -> dict[str, Any]:
+    """Nested mappings as dotted keys (``pretrain.imsvd.bin_size``), each leaf through
+    ``leaf`` (by default the parameter string MLflow stores; pass ``lambda v: v`` to keep
+    values as they are, as for metrics)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
+            flat.update(flatten(value, name + ".", leaf))
         else:
-            flat[name] = str(value)[:6000]
+            flat[name] = leaf(value)
     return flat
 
 

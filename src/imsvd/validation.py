@@ -15,6 +15,7 @@ picks example ids for the failure message.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import pandas as pd
 from imsvd.config import ValidateConfig
 from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
 from imsvd.errors import DataError
+from imsvd.io import json_default
 from imsvd.sources import OriginalImage, canonical_originals
 
 logger = logging.getLogger(__name__)
@@ -237,15 +239,7 @@ def run_suites(
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+    return json.loads(json.dumps(value, default=functools.partial(json_default, fallback=str)))
 
 
 def duplicate_ids(manifest: pd.DataFrame) -> list[str]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from imsvd import evaluation as ev
+from imsvd import metrics as ev
 from imsvd.errors import ConfigError, DataError
 
 

@@ -34,9 +34,13 @@ def _is_worker_rank() -> bool:
 
 class ParameterCheckHook:
     """Parses every parameter section into its typed config before any dataset is read,
-    so a typo or a bad value stops ``kedro run`` at once, naming the parameter."""
+    so a typo or a bad value stops ``kedro run`` at once, naming the parameter.
 
-    @hook_impl
+    ``tryfirst``: pluggy calls the last registered hook first, and a bad parameter must
+    stop the run before the project lock is taken or an MLflow run opened.
+    """
+
+    @hook_impl(tryfirst=True)
     def after_context_created(self, context: Any) -> None:
         from imsvd.config import check_sections
 
@@ -99,6 +103,8 @@ class MlflowTrackingHook:
         self._project_path = Path.cwd()
         self._catalog: Any = None
         self._active = False
+        self._revision = "unknown"
+        self._tagged: str | None = None  # the data fingerprint already tagged in this run
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -128,12 +134,14 @@ class MlflowTrackingHook:
             mlflow.end_run()
         run = mlflow.start_run(run_name=f"kedro-{name}")
         self._active = True
-        revision = git_revision(self._project_path)
+        self._tagged = None
+        # Read once per run: `git` subprocesses on every dataset load would cost more than the load.
+        self._revision = git_revision(self._project_path)
         mlflow.set_tags(
             {
                 "kedro.pipeline": name,
                 "kedro.session_id": str(run_params.get("run_id") or run_params.get("session_id")),
-                "git.revision": revision,
+                "git.revision": self._revision,
                 "imsvd.dvc_stage": os.environ.get("DVC_STAGE", ""),  # set by DVC for stage commands
             }
         )
@@ -144,19 +152,23 @@ class MlflowTrackingHook:
         log.info("MLflow run %s in %s", run.info.run_id, uri)
 
     def _tag_data(self, data: Any) -> None:
+        """Tag the run with the fingerprint of the image data it read or wrote (once:
+        ``ImageData`` caches its fingerprint, and a tag already set is not set again)."""
         if not isinstance(data, ImageData):
+            return
+        fingerprint = data.fingerprint
+        if fingerprint == self._tagged:
             return
         import mlflow
 
-        fingerprint = data.fingerprint
-        revision = git_revision(self._project_path)
         mlflow.set_tags(
             {
                 "data.fingerprint": fingerprint,
                 # Shared by the four runs of one reproduction (same code, same data).
-                "imsvd.reproduction": f"{revision}:{fingerprint[:12]}",
+                "imsvd.reproduction": f"{self._revision}:{fingerprint[:12]}",
             }
         )
+        self._tagged = fingerprint
 
     @hook_impl
     def after_dataset_loaded(self, dataset_name: str, data: Any) -> None:
@@ -174,7 +186,7 @@ class MlflowTrackingHook:
         if dataset_name == "metrics" and isinstance(data, dict):
             numeric = {
                 k: float(v)
-                for k, v in flatten_numbers(data).items()
+                for k, v in flatten(data, leaf=lambda value: value).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
             }
             mlflow.log_metrics(numeric)
@@ -192,14 +204,17 @@ class MlflowTrackingHook:
         import mlflow
         import numpy as np
 
-        from imsvd.training import load_encoder
+        from imsvd.checkpoints import load_encoder
 
-        encoder, _ = load_encoder(payload)
-        size = int(payload["image_size"])
-        example = np.zeros((2, int(payload["in_channels"]), size, size), dtype=np.float32)
+        loaded = load_encoder(payload)
+        size = loaded.image_size
+        example = np.zeros((2, loaded.in_channels, size, size), dtype=np.float32)
         # Explicit requirements: inferring them would import and scan the environment.
         mlflow.pytorch.log_model(
-            encoder.backbone, name="encoder", input_example=example, pip_requirements=["torch", "torchvision"]
+            loaded.encoder.backbone,
+            name="encoder",
+            input_example=example,
+            pip_requirements=["torch", "torchvision"],
         )
 
     def _filepath(self, dataset_name: str) -> Path | None:
@@ -229,14 +244,3 @@ class MlflowTrackingHook:
 
             mlflow.set_tag("error", str(error)[:5000])
         self._end("FAILED")
-
-
-def flatten_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict to dotted keys (metrics.json is flat already; this keeps it robust)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flatten_numbers(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -20,7 +20,7 @@ from kedro.io import AbstractDataset, DatasetError
 
 from imsvd.data import ImageData
 from imsvd.errors import DataError
-from imsvd.io import atomic_open, atomic_write_bytes
+from imsvd.io import atomic_open, atomic_write_bytes, json_default
 
 
 class _FileDataset(AbstractDataset):
@@ -96,7 +96,7 @@ class AtomicJSONDataset(_FileDataset):
 
     def save(self, data: Any) -> None:
         with atomic_open(self._filepath, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, default=_json_default)
+            json.dump(data, handle, indent=2, sort_keys=True, default=json_default)
             handle.write("\n")
 
 
@@ -128,13 +128,3 @@ class TorchWeightsDataset(_FileDataset):
         from imsvd.checkpoints import save_weights
 
         save_weights(self._filepath, data)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")

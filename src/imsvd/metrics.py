@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imsvd.errors import ConfigError, DataError
+from imsvd.errors import ConfigError, DataError, check_positive
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -55,11 +55,6 @@ def _as_labels(y: ArrayLike, name: str, n: int) -> torch.Tensor:
     if n and int(t.min()) < 0:
         raise DataError(f"{name} must be >= 0 (unlabelled samples cannot be evaluated)")
     return t
-
-
-def _check_positive(value: float, name: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
 
 
 # --------------------------------------------------------------------------- kNN
@@ -126,9 +121,9 @@ def knn_scores(
         raise DataError("kNN needs at least one training sample")
     if train.shape[1] != test.shape[1]:
         raise DataError(f"train features have {train.shape[1]} columns, test features {test.shape[1]}")
-    _check_positive(k, "k")
-    _check_positive(temperature, "temperature")
-    _check_positive(chunk_size, "chunk_size")
+    check_positive(k, "k")
+    check_positive(temperature, "temperature")
+    check_positive(chunk_size, "chunk_size")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     k = min(k, train.shape[0])
     train = F.normalize(train, dim=1)
@@ -236,8 +231,8 @@ def linear_probe(
         raise DataError("the linear probe needs at least one training sample")
     if x_train.shape[1] != x_test.shape[1]:
         raise DataError(f"train features have {x_train.shape[1]} columns, test features {x_test.shape[1]}")
-    _check_positive(epochs, "epochs")
-    _check_positive(lr, "lr")
+    check_positive(epochs, "epochs")
+    check_positive(lr, "lr")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
 
@@ -520,9 +515,9 @@ def code_knn_scores(
         if c.numel() and (int(c.min()) < 0 or int(c.max()) >= bin_size):
             raise DataError(f"{name} must lie in [0, {bin_size})")
     labels = _as_labels(train_labels, "train_labels", train.shape[0])
-    _check_positive(k, "k")
-    _check_positive(temperature, "temperature")
-    _check_positive(chunk_size, "chunk_size")
+    check_positive(k, "k")
+    check_positive(temperature, "temperature")
+    check_positive(chunk_size, "chunk_size")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     blocks = train.shape[1]
     k = min(k, train.shape[0])

@@ -1,8 +1,7 @@
-"""Kedro project settings (Kedro glue: the method library never imports this)."""
+"""Kedro project settings: hooks and the configuration loader."""
 
+from imsvd_pipelines.hooks import LockHook, MlflowTrackingHook, ParameterCheckHook
 from kedro.config import OmegaConfigLoader
-
-from imsvd.hooks import LockHook, MlflowTrackingHook, ParameterCheckHook
 
 # Parameters are checked before anything else; the lock is taken before MLflow opens its run.
 HOOKS = (ParameterCheckHook(), LockHook(), MlflowTrackingHook())

@@ -1,0 +1,154 @@
+"""Pair datasets: two views of the same image per sample, a fresh pair each epoch.
+
+:class:`CachedPairDataset` picks two different stored views from the view cache;
+:class:`OnTheFlyPairDataset` draws both with the recipe (the reference's way). Both draw
+from ``(seed, epoch, index)`` only, so any DataLoader worker yields the same pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from imsvd.augment.cache import open_view_cache
+from imsvd.augment.recipe import draw_seed, image_tensor, view_transform
+from imsvd.config import AugmentConfig
+from imsvd.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijective, well-mixed hash of uint64 values."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def pair_indices(seed: int, epoch: int, indices: np.ndarray, views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two different view indices per image, a pure function of (seed, epoch, index).
+
+    A counter-based generator (SplitMix64 over the keys), so a batch is drawn in a few
+    vectorised operations and any worker draws the same pairs.
+
+    Args:
+        seed: the dataset seed.
+        epoch: the epoch.
+        indices: (B,) image indices.
+        views: views stored per image (at least 2).
+
+    Returns:
+        (first, second): two (B,) int64 arrays with ``first != second``.
+    """
+    with np.errstate(over="ignore"):
+        key = _mix64(np.asarray(seed & 0xFFFFFFFFFFFFFFFF, np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        key = _mix64(key ^ np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
+        draw = _mix64(key ^ np.asarray(indices, dtype=np.uint64))
+    first = (draw % np.uint64(views)).astype(np.int64)
+    offset = ((draw >> np.uint64(32)) % np.uint64(views - 1)).astype(np.int64)
+    return first, (first + 1 + offset) % views
+
+
+class _EpochPairs(Dataset[Pair]):
+    """A pair dataset whose pairs are a pure function of (seed, epoch, index)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the pairs of ``epoch`` (call before creating the epoch's iterator)."""
+        self.epoch = epoch
+
+
+class CachedPairDataset(_EpochPairs):
+    """Pairs of two different cached views of the same image, a fresh pair each epoch.
+
+    Args:
+        views: (N, V, C, H, W) uint8 array (usually the memmap of :func:`open_view_cache`).
+        seed: seeds the choice of views together with the epoch and the index.
+    """
+
+    def __init__(self, views: np.ndarray, seed: int) -> None:
+        if views.ndim != 5 or views.dtype != np.uint8 or views.shape[1] < 2:
+            raise DataError(f"views must be (N, V>=2, C, H, W) uint8, got {views.dtype} {views.shape}")
+        super().__init__(seed)
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Pair]:
+        """A batch in one read of the memmap (DataLoader uses this when present)."""
+        index = np.asarray(indices, dtype=np.int64)
+        first, second = pair_indices(self.seed, self.epoch, index, self.views.shape[1])
+        a = torch.from_numpy(np.ascontiguousarray(self.views[index, first]))
+        b = torch.from_numpy(np.ascontiguousarray(self.views[index, second]))
+        return list(zip(a.unbind(0), b.unbind(0), strict=True))
+
+    def __getitem__(self, index: int) -> Pair:
+        return self.__getitems__([index])[0]
+
+
+class OnTheFlyPairDataset(_EpochPairs):
+    """Pairs of views drawn on the fly (the reference's way): the transform applied twice.
+
+    Args:
+        images: (N, H, W, C) uint8 training images, C in {1, 3}.
+        cfg: the recipe (``views``, ``workers`` and ``cache_dir`` are ignored).
+        seed: seeds each pair together with the epoch and the index.
+    """
+
+    def __init__(self, images: np.ndarray, cfg: AugmentConfig, seed: int) -> None:
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
+            raise DataError(
+                f"images must be (N, H, W, C) uint8, C in (1, 3), got {images.dtype} {images.shape}"
+            )
+        super().__init__(seed)
+        self.images = images
+        self.transform = view_transform(cfg, images.shape[-1])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Pair:
+        image = image_tensor(self.images[index])
+        # A DataLoader worker owns its global RNG; in the main process restore the caller's.
+        scope = contextlib.nullcontext() if get_worker_info() else torch.random.fork_rng(devices=[])
+        with scope:
+            torch.manual_seed(draw_seed(self.seed, self.epoch, index))
+            return self.transform(image), self.transform(image)
+
+
+def pair_dataset(
+    train_images: np.ndarray, fingerprint: str, cfg: AugmentConfig, use_cache: bool, seed: int
+) -> tuple[Dataset[Pair], str]:
+    """The pair dataset pretraining reads: the view cache when valid, else on the fly.
+
+    Args:
+        train_images: (N, H, W, C) uint8 training images.
+        fingerprint: ``ImageData.fingerprint`` of the validated data.
+        cfg: the recipe the cache must have been built with.
+        use_cache: False forces on-the-fly augmentation.
+        seed: seeds the pairs (with the epoch and the index).
+
+    Returns:
+        (dataset, "cache") or (dataset, "on-the-fly").
+    """
+    if use_cache:
+        views = open_view_cache(cfg, fingerprint)
+        if views is not None and len(views) == len(train_images) and views.shape[2] == train_images.shape[-1]:
+            return CachedPairDataset(views, seed), "cache"
+        if views is not None:
+            logger.warning(
+                "view cache not used: it holds %s, training images are %s", views.shape, train_images.shape
+            )
+        logger.warning("augmenting on the fly (slower): run the augment pipeline to build the cache")
+    return OnTheFlyPairDataset(train_images, cfg, seed), "on-the-fly"

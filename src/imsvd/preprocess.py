@@ -1,0 +1,75 @@
+"""Model inputs from uint8 images, one definition for training and evaluation.
+
+:func:`normalize` is the only place pixels become the encoder's float input: training
+calls it on each batch of views on the device, and evaluation (:func:`model_input`, which
+resizes first) on each batch of test images, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+
+def channel_stats(train_images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation in [0, 1] units.
+
+    Args:
+        train_images: (N, H, W, C) uint8.
+        chunk: images summed at a time (bounds memory).
+
+    Returns:
+        (mean, std), each a tuple of C floats.
+    """
+    channels = train_images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    for start in range(0, len(train_images), chunk):
+        block = train_images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+        total += block.sum(axis=0)
+        squares += (block**2).sum(axis=0)
+    count = train_images.size // channels
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def normalize(
+    batch: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` -> float32 ``(B, C, H, W)``, ``(x / 255 - mean) / std``.
+
+    ``mean`` and ``std`` hold one value per channel (in [0, 1] units), as sequences or tensors.
+    """
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    return (batch.float() / 255.0 - mean_t) / std_t
+
+
+def random_hflip(batch: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Flip each image of ``batch`` (B, C, H, W) left-right with probability ``p``.
+
+    Args:
+        batch: (B, C, H, W), any dtype, on any device.
+        generator: draws the flips; lives on the CPU or on ``batch``'s device.
+        p: flip probability.
+
+    Returns:
+        (B, C, H, W), same dtype and device.
+    """
+    flip = torch.rand(len(batch), generator=generator, device=generator.device) < p
+    flip = flip.to(batch.device).view(-1, 1, 1, 1)
+    return torch.where(flip, batch.flip(-1), batch)
+
+
+def model_input(images: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` images -> normalised float32 ``(N, C, size, size)``.
+
+    Resized with antialiasing (torchvision), then :func:`normalize`, as training sees them.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x = v2.Resize((size, size), antialias=True)(x)
+    return normalize(x, mean, std)

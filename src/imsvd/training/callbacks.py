@@ -1,0 +1,127 @@
+"""Lightning callbacks of the pretraining loop: history, progress, interruption, epochs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from imsvd.training.resume import INTERRUPTED
+
+log = logging.getLogger(__name__)
+
+
+class History(Callback):
+    """Per-step loss terms, lr and throughput, kept in the checkpoint so a resumed run's
+    curve includes the epochs before the interruption."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._last: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - (self._last or now), 1e-9)
+        self._last = now
+        images = batch[0].shape[0] * trainer.world_size
+        ips = images / elapsed
+        pl_module.log("train/images_per_second", ips, on_step=True, on_epoch=False, batch_size=images)
+        row = {
+            "epoch": float(trainer.current_epoch),
+            "step": float(trainer.global_step),
+            "images_per_second": ips,
+        }
+        row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("train/") and key.endswith("_step"):
+                row[key[len("train/") : -len("_step")]] = float(value)
+        self.rows.append(row)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None  # the gap between epochs is not throughput
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = sorted({k for row in self.rows for k in row})
+        return {"keys": keys, "values": [[row.get(k, math.nan) for k in keys] for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keys = state_dict.get("keys", [])
+        self.rows = [dict(zip(keys, values, strict=True)) for values in state_dict.get("values", [])]
+
+
+class SaveOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM: save the state reached to ``interrupted.ckpt`` before exiting.
+
+    ``last.ckpt`` stays the last complete epoch, which a rerun resumes from, so a resumed
+    run makes exactly as many optimiser steps as an uninterrupted one.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / INTERRUPTED
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.is_global_zero:
+            trainer.save_checkpoint(self.path)
+            log.warning(
+                "interrupted at step %d (epoch %d): state saved to %s; rerun to resume from the last complete epoch",
+                trainer.global_step,
+                trainer.current_epoch,
+                self.path,
+            )
+
+
+class PlainProgress(Callback):
+    """Periodic log lines for non-interactive runs (CI, ``dvc repro``), where a progress
+    bar would only fill the log with carriage returns."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every = every_n_steps
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every == 0 and trainer.is_global_zero:
+            loss = trainer.callback_metrics.get("train/total_step")
+            log.info(
+                "epoch %d/%d step %d loss %.4f",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                trainer.global_step,
+                float(loss) if loss is not None else math.nan,
+            )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            loss = trainer.callback_metrics.get("train/total_epoch")
+            log.info(
+                "epoch %d/%d done: mean loss %.4f",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                float(loss) if loss is not None else math.nan,
+            )
+
+
+class SetEpoch(Callback):
+    """A fresh pair of views per image each epoch: the pair datasets draw from (seed, epoch)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(trainer.current_epoch)

@@ -1,0 +1,231 @@
+"""The pretraining loop: a loader, callbacks and a Lightning trainer, run and read back.
+
+:func:`pretrain` reads top to bottom as its steps: resume point, loader, module,
+callbacks, trainer, fit, history. CPU, one GPU, or several devices with DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, Dataset
+
+from imsvd.checkpoints import load_weights
+from imsvd.config import PretrainConfig
+from imsvd.distributed import SyncBatchNormPlugin
+from imsvd.errors import TrainingError
+from imsvd.training.callbacks import History, PlainProgress, SaveOnInterrupt, SetEpoch
+from imsvd.training.module import PretrainModule
+from imsvd.training.resume import INTERRUPTED, LAST, AtomicCheckpointIO, RunIdentity, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(cfg: PretrainConfig) -> str:
+    """``auto``: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32 on CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _strategy(cfg: PretrainConfig) -> Any:
+    """Several devices from inside a ``kedro run`` use spawned workers: Lightning's default
+    DDP launcher re-executes the whole command line once per rank, which would rerun the
+    Kedro session in every rank."""
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    devices = _devices(cfg.devices)
+    many = cfg.num_nodes > 1 or (isinstance(devices, int) and devices > 1)
+    if many and "LOCAL_RANK" not in os.environ:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        backend = "nccl" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "gloo"
+        return DDPStrategy(start_method="spawn", process_group_backend=backend)
+    return "auto"
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produces."""
+
+    module: PretrainModule
+    history: pd.DataFrame
+    resumed_from_epoch: int | None
+    view_source: str
+    seconds: float
+
+
+def world_size(cfg: PretrainConfig) -> int:
+    """Processes taking part: nodes times devices per node (1 for ``devices: auto``)."""
+    return cfg.num_nodes * (int(cfg.devices) if cfg.devices.isdigit() else 1)
+
+
+def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader:
+    """Batches of ``batch_size / world size`` pairs per device, reshuffled each epoch."""
+    per_device = max(1, cfg.batch_size // world_size(cfg))
+    return DataLoader(
+        dataset,
+        batch_size=per_device,
+        shuffle=True,
+        drop_last=len(dataset) >= per_device,  # type: ignore[arg-type]
+        num_workers=cfg.num_workers,
+        persistent_workers=False,  # set_epoch must reach the workers each epoch
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def steps_per_epoch(loader: DataLoader, cfg: PretrainConfig) -> int:
+    """Optimiser steps per epoch on each rank (the sampler splits the loader over ranks)."""
+    world = world_size(cfg)
+    steps = len(loader) // world if world > 1 else len(loader)
+    return max(1, min(steps, cfg.max_steps_per_epoch or steps))
+
+
+def make_callbacks(cfg: PretrainConfig, history: History, with_logger: bool) -> list[Callback]:
+    """History, fresh pairs per epoch, save on interrupt, checkpoints, lr and progress."""
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    callbacks: list[Callback] = [
+        history,
+        SetEpoch(),
+        SaveOnInterrupt(ckpt_dir),
+        # Two callbacks: Lightning's save_last only writes when the monitored loss improved,
+        # but a rerun must resume from the last complete epoch whatever its loss.
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_epochs=1, enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor="train/total_epoch",
+            mode="min",
+            save_top_k=1,
+            every_n_epochs=1,
+            enable_version_counter=False,
+        ),
+    ]
+    if with_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if not sys.stderr.isatty():
+        callbacks.append(PlainProgress(max(1, cfg.log_every_n_steps)))
+    return callbacks
+
+
+def make_trainer(
+    cfg: PretrainConfig, steps: int, callbacks: list[Callback], logger: Logger | bool
+) -> L.Trainer:
+    """The Lightning trainer for ``cfg``: devices, strategy, precision, epochs."""
+    return L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=_devices(cfg.devices),
+        num_nodes=cfg.num_nodes,
+        strategy=_strategy(cfg),
+        precision=resolve_precision(cfg),  # type: ignore[arg-type]
+        max_epochs=cfg.epochs,
+        limit_train_batches=steps,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO(), SyncBatchNormPlugin()],
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        log_every_n_steps=cfg.log_every_n_steps,
+        deterministic=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def fit(trainer: L.Trainer, module: PretrainModule, loader: DataLoader, resume: Path | None) -> float:
+    """Run ``trainer.fit``; an interruption fails as a :class:`TrainingError`. Returns seconds.
+
+    Lightning turns SIGTERM into SystemExit(None) (exit status 0) and Ctrl-C into
+    SystemExit(1), which bypasses Kedro's error hooks (the MLflow run would stay
+    RUNNING). Either way the run must fail as an error, so that no later stage mistakes
+    the old encoder for a new one.
+    """
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
+    except SystemExit as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, SIGTERMException) else "interrupted (Ctrl-C)"
+        folder = Path(module.cfg.checkpoint_dir)
+        raise TrainingError(
+            f"pretraining was {how} at step {trainer.global_step}; state saved to "
+            f"{folder / INTERRUPTED}, rerun to resume from the last complete epoch"
+        ) from None
+    return time.perf_counter() - start
+
+
+def read_history(history: History, checkpoint_dir: Path) -> pd.DataFrame:
+    """The per-step history, read back from ``last.ckpt`` where it exists: under spawned
+    DDP the callbacks ran in the workers, and the checkpoint holds their history."""
+    last = checkpoint_dir / LAST
+    if last.is_file():
+        for key, value in load_weights(last).get("callbacks", {}).items():
+            if key.startswith("History"):
+                history.load_state_dict(value)
+    return pd.DataFrame(history.rows)
+
+
+def pretrain(
+    train_dataset: Dataset,
+    view_source: str,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cfg: PretrainConfig,
+    identity: RunIdentity,
+    logger: Logger | bool = False,
+) -> PretrainResult:
+    """Train an encoder with ``cfg.method`` on pairs of uint8 views.
+
+    Args:
+        train_dataset: yields ``(view1, view2)`` uint8 (C, H, W) tensors and has
+            ``set_epoch(epoch)`` (see :mod:`imsvd.augment.pairs`).
+        view_source: ``"cache"`` or ``"on-the-fly"`` (logged).
+        in_channels, mean, std: image channels and per-channel normalisation.
+        cfg: pretraining parameters.
+        identity: parameters/data identity (checkpoints are resumed only on a match).
+        logger: a Lightning logger (MLflow) or ``False``.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # A checkpoint that is not resumed stays until this run's first epoch replaces it, so
+    # a run that fails early (bad lr, Ctrl-C) loses none of the earlier results.
+    found = resume_checkpoint(cfg, identity)
+    resume, resumed_epoch = found if found else (None, None)
+
+    loader = make_loader(train_dataset, cfg)
+    steps = steps_per_epoch(loader, cfg)
+    module = PretrainModule(cfg, in_channels, mean, std, steps, identity)
+    history = History()
+    trainer = make_trainer(cfg, steps, make_callbacks(cfg, history, bool(logger)), logger)
+    log.info(
+        "pretraining %s (%s, width %s) for %d epochs of %d steps, views from the %s",
+        cfg.method,
+        cfg.backbone,
+        cfg.width,
+        cfg.epochs,
+        steps,
+        view_source,
+    )
+    seconds = fit(trainer, module, loader, resume)
+    frame = read_history(history, ckpt_dir)
+    return PretrainResult(trainer.lightning_module, frame, resumed_epoch, view_source, seconds)  # type: ignore[arg-type]
