@@ -3,10 +3,12 @@ copies, one finished ``kedro run`` shared by the whole session, and Kedro run in
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,32 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist every worker runs real training and real subprocesses: give each its
+# share of the cores (read by torch at import, inherited by kedro, dvc and DDP children),
+# so two workers do not each spread over both cores and slow each other down.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
+
+
+@functools.cache
+def _migrated_mlflow_store() -> Path:
+    """An empty MLflow SQLite store with its schema made, once per test process: a new
+    store runs some forty schema migrations, which cost more than a tiny run's tracking."""
+    store = Path(tempfile.mkdtemp(prefix="imsvd-mlflow-")) / "mlflow.db"
+    code = "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"
+    subprocess.run([sys.executable, "-c", code, f"sqlite:///{store}"], check=True, capture_output=True)
+    return store
+
+
+def fresh_mlflow_store(path: Path) -> Path:
+    """Put an empty, ready MLflow store at ``path`` (replacing any store there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_migrated_mlflow_store(), path)
+    return path
+
 
 def copy_project(destination: Path, skip: Sequence[str] = ()) -> Path:
     """Copy the project's own files (tracked and untracked-not-ignored) to ``destination``.
@@ -77,6 +105,7 @@ def copy_project(destination: Path, skip: Sequence[str] = ()) -> Path:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    fresh_mlflow_store(destination / "mlflow.db")
     return destination
 
 
@@ -141,18 +170,17 @@ def tiny_params(**overrides: str) -> str:
     return ",".join(f"{k}={v}" for k, v in values.items())
 
 
-def tiny_tree(**overrides: str) -> dict[str, Any]:
-    """TINY (with ``overrides``) as the nested, typed parameters Kedro hands its nodes."""
-    import yaml
+def params_tree(text: str) -> dict[str, Any]:
+    """``--params`` text as the nested, typed parameters Kedro's CLI makes of it (OmegaConf)."""
+    from omegaconf import OmegaConf
 
-    tree: dict[str, Any] = {}
-    for key, text in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(text)
+    tree: dict[str, Any] = OmegaConf.to_container(OmegaConf.from_dotlist(text.split(",")))  # type: ignore[assignment]
     return tree
+
+
+def tiny_tree(**overrides: str) -> dict[str, Any]:
+    """TINY (with ``overrides``) as the parameters ``kedro run --params`` would pass on."""
+    return params_tree(tiny_params(**overrides))
 
 
 @dataclass(frozen=True)
@@ -166,18 +194,32 @@ class FinishedRun:
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     """One complete tiny ``kedro run`` (validate, augment, pretrain, evaluate) through the
-    real CLI, shared by the session: tests read it, or work on a copy (:func:`copy_of`)."""
-    project = copy_project(tmp_path_factory.mktemp("finished") / "project")
-    started = time.monotonic()
-    kedro(project, "run", "--params", tiny_params())
-    return FinishedRun(project, time.monotonic() - started)
+    real CLI, shared by the session: tests read it, or work on a copy (:func:`copy_of`).
+
+    Under pytest-xdist the first worker that needs it makes it and the others wait for it
+    and reuse it (pytest-xdist's recipe: a file lock in the folder all workers share).
+    """
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    project, timing = shared / "finished" / "project", shared / "finished" / "seconds"
+    with FileLock(str(shared / "finished.lock")):
+        if not timing.is_file():
+            shutil.rmtree(project.parent, ignore_errors=True)
+            copy_project(project)
+            started = time.monotonic()
+            kedro(project, "run", "--params", tiny_params())
+            timing.write_text(str(time.monotonic() - started))
+    return FinishedRun(project, float(timing.read_text()))
 
 
 def copy_of(finished: FinishedRun, destination: Path) -> Path:
     """The finished project with a fresh MLflow store (a copied store would point its
     artifacts back into the original project)."""
     shutil.copytree(finished.path, destination, symlinks=True)
-    (destination / "mlflow.db").unlink(missing_ok=True)
+    fresh_mlflow_store(destination / "mlflow.db")
     shutil.rmtree(destination / "mlruns", ignore_errors=True)
     return destination
 
@@ -195,7 +237,7 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., dict[s
     def run(project: Path, pipeline: str, params: dict[str, Any]) -> dict[str, Any]:
         monkeypatch.chdir(project)  # catalog paths are relative to the project, as for `kedro run`
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-        with KedroSession.create(project_path=project, extra_params=params) as session:
+        with KedroSession.create(project_path=project, runtime_params=params) as session:
             return session.run(pipeline_names=[pipeline])
 
     yield run

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import TINY, TINY_STEPS_PER_EPOCH, copy_project, tiny_tree
+from conftest import TINY, TINY_STEPS_PER_EPOCH, copy_project, fresh_mlflow_store, tiny_tree
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +70,7 @@ def environment(mlflow_db: Path) -> dict[str, str]:
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # stage commands call `kedro`
         DVC_NO_ANALYTICS="1",
+        COLUMNS="1000",  # dvc cuts long lines (a remote's path) to the terminal's width
         KEDRO_DISABLE_TELEMETRY="true",
         DO_NOT_TRACK="1",
         MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}",
@@ -123,7 +124,8 @@ def new_project(root: Path) -> Project:
     path = copy_project(root / "project", skip=(METRICS,))
     for section, values in tiny_tree().items():
         set_parameters(path, section, values)
-    project = Project(path, environment(root / "mlflow.db"), root / "mlflow.db")
+    (path / "mlflow.db").unlink()  # the stages log to the store beside the copy
+    project = Project(path, environment(root / "mlflow.db"), fresh_mlflow_store(root / "mlflow.db"))
     project.git("init", "-q")
     project.git("config", "user.name", "test")  # dvc exp commits through its own git client
     project.git("config", "user.email", "test@example.com")
@@ -135,7 +137,7 @@ def clone_project(source: Project, root: Path) -> Project:
     """An independent copy of a (reproduced) project: own remote and MLflow database."""
     path = root / "project"
     shutil.copytree(source.path, path, symlinks=True)
-    return Project(path, environment(root / "mlflow.db"), root / "mlflow.db")
+    return Project(path, environment(root / "mlflow.db"), fresh_mlflow_store(root / "mlflow.db"))
 
 
 def digest(path: Path) -> str:
@@ -221,10 +223,20 @@ def test_a_pretraining_parameter_reruns_only_pretrain_and_evaluate(pretrain_chan
     assert "Stage 'augment' didn't change" in pretrain_changed.output
 
 
-def test_an_augmentation_parameter_reruns_from_augment(clone: Project) -> None:
-    set_parameters(clone.path, "augment", {"scale_min": 0.3})
-    output = clone.dvc("repro")
-    assert stages_run(output) == ["augment", "pretrain", "evaluate"]
+@pytest.fixture(scope="module")
+def augment_experiment(reproduced: Reproduction, tmp_path_factory: pytest.TempPathFactory) -> Reproduction:
+    """A clone where ``dvc exp run -S`` changed an augmentation parameter: one run that
+    shows both what an augment change reruns and how experiments are listed."""
+    project = clone_project(reproduced.project, tmp_path_factory.mktemp("augment_experiment"))
+    output = project.dvc(
+        "exp", "run", "-n", "milder-crops", "-S", "conf/base/parameters_augment.yml:augment.scale_min=0.3"
+    )
+    return Reproduction(project, output)
+
+
+def test_an_augmentation_parameter_reruns_from_augment(augment_experiment: Reproduction) -> None:
+    assert stages_run(augment_experiment.output) == ["augment", "pretrain", "evaluate"]
+    assert "Stage 'validate' didn't change" in augment_experiment.output
 
 
 # --- metrics and plots -------------------------------------------------------------
@@ -268,18 +280,15 @@ def test_plots_show_draws_the_loss_curve(reproduced: Reproduction, tmp_path: Pat
 # --- experiments -------------------------------------------------------------------
 
 
-def test_exp_run_with_a_parameter_override_is_listed_by_exp_show(clone: Project) -> None:
-    output = clone.dvc(
-        "exp", "run", "-n", "more-epochs", "-S", "conf/base/parameters_pretrain.yml:pretrain.epochs=3"
-    )
-    assert stages_run(output) == ["pretrain", "evaluate"]
-    listing = clone.dvc("exp", "show", "--csv")
-    assert "more-epochs" in listing
+def test_exp_run_with_a_parameter_override_is_listed_by_exp_show(augment_experiment: Reproduction) -> None:
+    project = augment_experiment.project
+    listing = project.dvc("exp", "show", "--csv")
+    assert "milder-crops" in listing
     rows = list(csv.DictReader(listing.splitlines()))
-    experiment = next(row for row in rows if row["Experiment"] == "more-epochs")
-    assert experiment["pretrain.epochs"] == "3"
+    experiment = next(row for row in rows if row["Experiment"] == "milder-crops")
+    assert experiment["augment.scale_min"] == "0.3"
     assert float(experiment["knn_top1"]) > 0
-    assert "more-epochs" in clone.dvc("exp", "list")
+    assert "milder-crops" in project.dvc("exp", "list")
 
 
 # --- remote ------------------------------------------------------------------------

@@ -159,15 +159,16 @@ def load_every_output(project: Path) -> list[str]:
 def stray_files(project: Path) -> list[Path]:
     """Files under ``data/`` that are neither outputs nor hidden temporaries.
 
-    Temporaries are ``.<name>.<random>.tmp`` (hidden, never a catalog path): a file here
-    would be something a reader could mistake for an output.
+    Temporaries are ``.<name>.<random>.tmp`` files or folders (hidden, never a catalog
+    path), and everything inside such a folder: a file here would be something a reader
+    could mistake for an output.
     """
     known = {project / file_entry(entry)["filepath"] for entry in CATALOG.values()}
     strays = []
     for path in (project / "data").rglob("*"):
-        if not path.is_file() or path.name.startswith(".") or path in known:
-            continue
         relative = path.relative_to(project / "data").parts
+        if not path.is_file() or any(part.startswith(".") for part in relative) or path in known:
+            continue
         if relative[:2] in {("08_reporting", "data_docs"), ("05_model_input", "view_cache")}:
             continue
         if path.parent == project / CHECKPOINTS and path.suffix == ".ckpt":

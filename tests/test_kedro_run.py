@@ -7,10 +7,9 @@ import logging
 
 import mlflow
 import pytest
-import yaml
 from imsvd_pipelines.cli import project_error
 
-from conftest import TINY, TINY_STEPS_PER_EPOCH, copy_of, kedro, tiny_tree
+from conftest import TINY, TINY_STEPS_PER_EPOCH, copy_of, kedro, params_tree, tiny_tree
 from imsvd.errors import ImsvdError
 
 pytestmark = pytest.mark.slow
@@ -103,16 +102,8 @@ def test_rerun_resumes_and_says_from_which_epoch(finished, tmp_path, in_process,
 )
 def test_bad_configuration_stops_with_a_clear_message(project, in_process, params, needle):
     pipeline = "validate" if params.startswith("data.") else "pretrain"
-    tree = {}
-    for item in params.split(","):
-        key, value = item.split("=")
-        *parents, leaf = key.split(".")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(value)
     with pytest.raises(ImsvdError) as info:
-        in_process(project, pipeline, tree)
+        in_process(project, pipeline, params_tree(params))
     assert needle in str(project_error(info.value))
     assert not (project / "data/06_models/encoder.pt").exists()
 
@@ -126,3 +117,36 @@ def test_the_cli_shows_a_bad_parameter_plainly_and_exits_non_zero(project):
     assert result.returncode == 1
     assert "did you mean pretrain.imsvd.bin_size" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_one_run_reads_the_images_once_hashes_them_once_and_asks_git_once(
+    finished, tmp_path, in_process, monkeypatch
+):
+    """The evaluate pipeline's three nodes all take validated_images: one read of
+    images.npz, one fingerprint of its pixels, one ``git`` look-up for the MLflow tags."""
+    import functools
+
+    from imsvd_pipelines import datasets, hooks
+
+    from imsvd.data import ImageData
+
+    project = copy_of(finished, tmp_path / "project")
+    counts = {"load": 0, "fingerprint": 0, "git": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        datasets.ImageArraysDataset, "load", counted("load", datasets.ImageArraysDataset.load)
+    )
+    monkeypatch.setattr(hooks, "git_revision", counted("git", hooks.git_revision))
+    fingerprint = functools.cached_property(counted("fingerprint", ImageData.fingerprint.func))
+    fingerprint.__set_name__(ImageData, "fingerprint")
+    monkeypatch.setattr(ImageData, "fingerprint", fingerprint)
+
+    in_process(project, "evaluate", tiny_tree())
+    assert counts == {"load": 1, "fingerprint": 1, "git": 1}

@@ -31,7 +31,7 @@ def kedro_imports(path: Path) -> list[str]:
         else:
             continue
         if any(name.split(".")[0].startswith("kedro") for name in names):
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+            found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
     return found
 
 

@@ -1,4 +1,5 @@
-"""Style is kept by machines: ruff (lint and format) on everything, mypy on the library."""
+"""Style is kept by machines: ruff (lint and format) on everything, mypy on the library and
+the Kedro package (``[tool.mypy] files`` in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,6 @@ def test_ruff_format_is_clean():
 
 
 @pytest.mark.slow
-def test_mypy_on_the_library_is_clean():
-    result = _run("mypy", "src/imsvd")
+def test_mypy_on_the_library_and_the_pipelines_is_clean():
+    result = _run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -155,3 +155,15 @@ def test_staged_folder_replaces_whole_and_keeps_old_on_failure(tmp_path):
         (staging / "b.html").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["b.html"]
     assert [p.name for p in tmp_path.iterdir()] == ["site"]
+
+
+def test_staged_folder_removes_what_a_killed_run_left(tmp_path):
+    target = tmp_path / "site"
+    killed = tmp_path / ".site.k1ll3d.tmp"  # a SIGKILL mid-write leaves its staging folder
+    (killed / "static").mkdir(parents=True)
+    (killed / "static" / "logo.gif").write_bytes(b"GIF89a")
+    other = tmp_path / ".other.k1ll3d.tmp"  # another folder's leftovers are not this one's
+    other.mkdir()
+    with staged_folder(target) as staging:
+        (staging / "a.html").write_text("one")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.k1ll3d.tmp", "site"]

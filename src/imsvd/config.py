@@ -54,7 +54,8 @@ def parse(cls: type[T], values: Mapping[str, Any] | None, prefix: str) -> T:
                 for name, hint in hints.items()
                 if dataclasses.is_dataclass(hint) and key in {f.name for f in dataclasses.fields(hint)}
             ]
-            guess = close[0] if close else (nested[0] if nested else None)
+            # A key that a method section has exactly beats a look-alike of this section.
+            guess = nested[0] if nested else (close[0] if close else None)
             hints_txt.append(f"{prefix}.{key}" + (f" (did you mean {prefix}.{guess}?)" if guess else ""))
         raise ConfigError(f"unknown parameter(s): {', '.join(hints_txt)}; known: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(values[name], hints[name], f"{prefix}.{name}") for name in values}

@@ -324,12 +324,20 @@ def failure_message(failures: Sequence[Mapping[str, Any]], total: int) -> str:
 def staged_folder(target: Path) -> Iterator[Path]:
     """Yield an empty sibling folder of ``target`` that replaces ``target`` on success.
 
-    A killed or failed run leaves the previous ``target`` (or none), never a half-written one.
+    A killed or failed run leaves the previous ``target`` (or none), never a half-written one;
+    the staging folders a killed run left behind are removed by the next one (the project
+    lock keeps two runs from staging at once).
 
     Args:
         target: the folder to (re)place.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [
+        *target.parent.glob(f".{target.name}.*.tmp"),
+        *target.parent.glob(f".{target.name}.*.old"),
+    ]:
+        logger.info("removing %s, left by an interrupted run", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield staging
