@@ -14,4 +14,7 @@ CONFIG_LOADER_ARGS = {
         "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
         "mlflow": ["mlflow*", "mlflow/**"],
     },
+    # An environment (`kedro run --env fashion_mnist`) names only the values it changes:
+    # "soft" merges its sections into base's key by key instead of replacing them whole.
+    "merge_strategy": {"parameters": "soft"},
 }

@@ -167,3 +167,23 @@ def test_resume_identity_follows_the_views_not_the_cache_workers():
     assert RunIdentity.of(pretrain, AugmentConfig(size=32), "fp") != base
     assert RunIdentity.of(pretrain, AugmentConfig(seed=1), "fp") != base
     assert RunIdentity.of(dataclasses.replace(pretrain, base_lr=0.1), AugmentConfig(), "fp") != base
+
+
+def test_the_fashion_mnist_environment_changes_only_what_it_names():
+    from imsvd_pipelines.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
+
+    from imsvd.config import check_sections
+
+    def params(env):
+        loader = CONFIG_LOADER_CLASS(conf_source=str(ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
+        return loader["parameters"]
+
+    base, fashion = params(None), params("fashion_mnist")
+    check_sections(fashion)
+    assert fashion["data"]["source"] == "fashion_mnist"
+    assert fashion["data"]["path"] == "/usr/share/datasets/fashion-mnist"
+    assert fashion["pretrain"]["imsvd"]["bin_size"] == 16 and fashion["augment"]["size"] == 28
+    # merged key by key: what the environment does not name keeps base's value
+    assert fashion["pretrain"]["imsvd"]["temperature"] == base["pretrain"]["imsvd"]["temperature"]
+    assert fashion["pretrain"]["base_lr"] == base["pretrain"]["base_lr"]
+    assert fashion["validate"] == base["validate"]

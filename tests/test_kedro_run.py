@@ -69,6 +69,8 @@ def test_one_mlflow_run_holds_params_curves_metrics_artifacts_and_model(finished
     assert len(client.get_metric_history(run.info.run_id, "train/total_epoch")) == epochs
     assert len(client.get_metric_history(run.info.run_id, "train/images_per_second")) == steps // every
     assert "knn_top1" in run.data.metrics and "lr-SGD" in run.data.metrics
+    # the online kNN monitor, at the last epoch of the tiny run (fewer steps than its interval)
+    assert len(client.get_metric_history(run.info.run_id, "monitor/knn_top1")) == 1
     artifacts = {
         a.path
         for folder in ("08_reporting", "07_model_output")

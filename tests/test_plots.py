@@ -104,6 +104,22 @@ def test_loss_curve_figure():
         plots.loss_curve_figure(history.drop(columns=["step"]))
 
 
+def test_loss_curve_figure_shows_the_online_monitor_in_its_own_panel():
+    steps = np.arange(1, 101)
+    history = pd.DataFrame(
+        {"step": steps, "total": 5 - np.log(steps), "diagonal": -np.log(steps), "data_wait_share": 0.1}
+    )
+    history["monitor_knn_top1"] = np.where(steps % 25 == 0, 40 + steps / 4, np.nan)
+    fig = plots.loss_curve_figure(history)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "loss term", "kNN top-1 (%)"]
+    knn = next(ax for ax in fig.axes if ax.get_ylabel() == "kNN top-1 (%)")
+    (line,) = knn.get_lines()
+    assert list(line.get_xdata()) == [25, 50, 75, 100]
+    legends = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "monitor_knn_top1" not in legends and "data_wait_share" not in legends
+    _render(fig, "loss_curve_monitor")
+
+
 @pytest.mark.parametrize(("n", "method"), [(30, "PCA"), (120, "t-SNE")])
 def test_embedding_map_figure(n: int, method: str):
     rng = np.random.default_rng(3)

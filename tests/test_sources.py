@@ -371,3 +371,20 @@ def test_subsample_keeps_a_stratified_seeded_subset():
     assert set(small.ids) <= set(full.ids)
     counts = np.bincount(small.labels[small.splits == "train"], minlength=10)
     assert counts.min() >= 18 and counts.max() <= 22  # about 20 of each digit
+
+
+def test_validation_holdout_takes_a_stratified_share_of_training_and_drops_the_test_images():
+    from imsvd.config import DataConfig
+    from imsvd.sources import load_source
+
+    plain = load_source(DataConfig())
+    held = load_source(DataConfig(holdout="validation", validation_size=0.2))
+    train_ids = set(plain.data.ids[plain.data.splits == "train"])
+    assert set(held.data.ids) == train_ids  # no test image is left
+    validation = held.data.splits == "test"
+    assert int(validation.sum()) == round(0.2 * len(train_ids))
+    counts = np.bincount(held.data.labels[validation], minlength=10)
+    assert counts.min() >= 25 and counts.max() <= 29  # stratified: about 27 of each digit
+    again = load_source(DataConfig(holdout="validation", validation_size=0.2))
+    assert (again.data.ids[again.data.splits == "test"] == held.data.ids[validation]).all()
+    assert len(held.originals) == len(held.data.ids)

@@ -294,3 +294,61 @@ def test_sigterm_fails_the_run_and_saves_the_state(tmp_path):
     assert process.returncode != 0, output[-2000:]
     assert "terminated (SIGTERM)" in output
     assert int(load_weights(tmp_path / "checkpoints" / "interrupted.ckpt")["global_step"]) >= STEPS_PER_EPOCH
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from imsvd.training.loop import cpu_has_native_bf16
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512vl\n"
+    sapphire = "flags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+    older = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n"
+    assert cpu_has_native_bf16(zen4) and cpu_has_native_bf16(sapphire)
+    assert not cpu_has_native_bf16(older) and not cpu_has_native_bf16("")
+
+
+def test_auto_precision_on_a_cpu_follows_its_bf16_support(tmp_path):
+    from imsvd.training import resolve_precision
+    from imsvd.training.loop import cpu_has_native_bf16
+
+    auto = tiny(tmp_path, accelerator="cpu")
+    assert resolve_precision(auto) == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
+    assert resolve_precision(tiny(tmp_path, precision="32-true")) == "32-true"
+
+
+def test_bf16_channels_last_training_keeps_float32_weights_in_nhwc(pairs, digits, tmp_path):
+    cfg = tiny(tmp_path, epochs=2, precision="bf16-mixed", channels_last=True)
+    result = run(pairs, digits, cfg)
+    history = result.history
+    per_epoch = history.groupby("epoch")["total"].mean()
+    assert np.isfinite(history["total"]).all() and per_epoch.iloc[-1] < per_epoch.iloc[0]
+    assert ((history["data_wait_share"] >= 0) & (history["data_wait_share"] <= 1)).all()
+    conv = result.module.encoder.backbone.conv1.weight
+    assert conv.dtype == torch.float32  # mixed precision: bf16 compute, float32 weights
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    plain = run(pairs, digits, tiny(tmp_path / "plain", epochs=1, precision="32-true", channels_last=False))
+    assert plain.module.encoder.backbone.conv1.weight.is_contiguous()
+
+
+def test_online_knn_monitor_reports_on_training_images_at_its_interval(pairs, digits, tmp_path, caplog):
+    from imsvd.config import MonitorConfig
+    from imsvd.training import MonitorData
+
+    labels = load_digits().target[: len(digits)]
+    cfg = tiny(tmp_path, epochs=5, monitor=MonitorConfig(every_n_steps=8, images=200))
+    mean, std = channel_stats(digits)
+    caplog.set_level(logging.INFO, logger="imsvd.training")
+    result = pretrain(
+        pairs, "cache", 1, mean, std, cfg, RunIdentity.of(cfg, AugmentConfig(), "digits-fp"),
+        monitor_data=MonitorData(digits, labels, 8),
+    )  # fmt: skip
+    checked = result.history.dropna(subset=["monitor_knn_top1"])
+    # every 8 steps (4 per epoch): after epochs 2 and 4, and at the last epoch, 5
+    assert checked["step"].tolist() == [2.0 * STEPS_PER_EPOCH, 4.0 * STEPS_PER_EPOCH, 5.0 * STEPS_PER_EPOCH]
+    assert ((checked["monitor_knn_top1"] >= 0) & (checked["monitor_knn_top1"] <= 100)).all()
+    assert checked["monitor_knn_top1"].iloc[-1] > 20  # ten classes: far above chance even this early
+    assert "online kNN top-1" in caplog.text and "online kNN monitor:" in caplog.text
+    off = pretrain(
+        pairs, "cache", 1, mean, std, tiny(tmp_path / "off", epochs=1, monitor=MonitorConfig(every_n_steps=0)),
+        RunIdentity.of(cfg, AugmentConfig(), "digits-fp"), monitor_data=MonitorData(digits, labels, 8),
+    )  # fmt: skip
+    assert "monitor_knn_top1" not in off.history.columns

@@ -11,11 +11,11 @@ from matplotlib.figure import Figure
 from imsvd.augment import pair_dataset
 from imsvd.checkpoints import encoder_payload
 from imsvd.config import AugmentConfig, PretrainConfig, parse
-from imsvd.data import TRAIN, ImageData
+from imsvd.data import TRAIN, UNLABELLED, ImageData
 from imsvd.plots import loss_curve_figure
 from imsvd.preprocess import channel_stats
 from imsvd.tracking import lightning_logger
-from imsvd.training import RunIdentity, pretrain
+from imsvd.training import MonitorData, RunIdentity, pretrain
 from imsvd.validation import require_validated
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,28 @@ def pretrain_encoder(
     cfg = parse(PretrainConfig, pretrain_params, "pretrain")
     augment = parse(AugmentConfig, augment_params, "augment")
     data = require_validated(validated_images, validation_report, "pretrain")
-    train = data.split(TRAIN).images
+    train_split = data.split(TRAIN)
+    train = train_split.images
     fingerprint = data.fingerprint
     use_cache = cfg.use_cache and view_cache_manifest is not None
     dataset, source = pair_dataset(train, fingerprint, augment, use_cache=use_cache, seed=cfg.seed)
     mean, std = channel_stats(train)
     identity = RunIdentity.of(cfg, augment, fingerprint)
-    result = pretrain(dataset, source, train.shape[-1], mean, std, cfg, identity, logger=lightning_logger())
+    labelled = bool((train_split.labels != UNLABELLED).all())
+    if not labelled:
+        log.info("online kNN monitor off: the training images are not all labelled")
+    monitor = MonitorData(train, train_split.labels, augment.size) if labelled else None
+    result = pretrain(
+        dataset,
+        source,
+        train.shape[-1],
+        mean,
+        std,
+        cfg,
+        identity,
+        logger=lightning_logger(),
+        monitor_data=monitor,
+    )
     if result.resumed_from_epoch is not None:
         log.info("resumed from epoch %d", result.resumed_from_epoch)
     payload = encoder_payload(

@@ -38,6 +38,7 @@ def load_and_check(
     source = load_source(data_config)
     manifest, report = check_images(source.data, source.originals, validate_config)
     report["source"] = data_config.source
+    report["holdout"] = data_config.holdout  # "validation": the test split is a slice of training
     return source.data, manifest, report
 
 

@@ -125,6 +125,8 @@ class DataConfig:
     max_image_pixels: int = 50_000_000
     max_train: int | None = None
     max_test: int | None = None
+    holdout: str = "test"
+    validation_size: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("max_train", "max_test"):
@@ -133,6 +135,12 @@ class DataConfig:
         _check(self.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {self.source!r}")
         _check(0.0 < self.test_size < 1.0, "data.test_size", f"must be in (0, 1), got {self.test_size}")
         _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
+        _check(
+            self.holdout in ("test", "validation"),
+            "data.holdout",
+            f"must be 'test' or 'validation', got {self.holdout!r}",
+        )
+        _check(0.0 < self.validation_size < 1.0, "data.validation_size", "must be in (0, 1)")
         if self.source != "digits":
             _check(bool(self.path), "data.path", f"is required for data.source={self.source}")
 
@@ -261,6 +269,29 @@ MethodConfig = IMSVDConfig | BarlowTwinsConfig | VICRegConfig | SimCLRConfig
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """``pretrain.monitor.*``: the online kNN monitor.
+
+    At the end of an epoch, once ``every_n_steps`` optimiser steps have passed since the
+    last check (and at the last epoch), the frozen current backbone embeds a fixed,
+    seeded slice of ``images`` labelled *training* images (never the test split); a
+    weighted kNN (``knn_k``, ``knn_temperature``) on 80 % of them classifies the other
+    20 %. ``every_n_steps: 0`` turns it off.
+    """
+
+    every_n_steps: int = 25
+    images: int = 1024
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 0, "pretrain.monitor.every_n_steps", "must be >= 0 (0: off)")
+        _check(self.images >= 10, "pretrain.monitor.images", f"must be at least 10, got {self.images}")
+        _check(self.knn_k >= 1, "pretrain.monitor.knn_k", "must be at least 1")
+        _check(self.knn_temperature > 0, "pretrain.monitor.knn_temperature", "must be positive")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """``pretrain.*``: the self-supervised method, encoder and optimisation.
 
@@ -277,6 +308,7 @@ class PretrainConfig:
     barlow_twins: BarlowTwinsConfig = BarlowTwinsConfig()
     vicreg: VICRegConfig = VICRegConfig()
     simclr: SimCLRConfig = SimCLRConfig()
+    monitor: MonitorConfig = MonitorConfig()
     epochs: int = 30
     batch_size: int = 256
     base_lr: float = 0.4
@@ -293,6 +325,8 @@ class PretrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
     num_workers: int = 0
     log_every_n_steps: int = 5
     max_steps_per_epoch: int | None = None
@@ -363,6 +397,10 @@ class PretrainConfig:
             "strategy",
             "num_workers",
             "log_every_n_steps",
+            "precision",
+            "channels_last",
+            "compile",
+            "monitor",
             *(name for name in METHODS if name != self.method),
         }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}

@@ -41,12 +41,13 @@ def extract_features(
     Images go through :func:`imsvd.preprocess.model_input`, the normalisation training uses.
     """
     encoder.eval()
+    device = next(encoder.parameters()).device
     backbone, projector = [], []
     for start in range(0, len(images), batch_size):
-        x = model_input(images[start : start + batch_size], size, mean, std)
+        x = model_input(images[start : start + batch_size], size, mean, std).to(device)
         h, z = encoder(x)
-        backbone.append(h.float().numpy())
-        projector.append(z.float().numpy())
+        backbone.append(h.float().cpu().numpy())
+        projector.append(z.float().cpu().numpy())
     return Features(np.concatenate(backbone), np.concatenate(projector))
 
 

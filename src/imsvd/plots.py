@@ -22,7 +22,8 @@ from imsvd.errors import DataError
 from imsvd.metrics import bin_occupancy, block_marginals
 
 #: Columns of a training history that are not loss terms.
-HISTORY_META_COLUMNS = ("epoch", "step", "lr", "images_per_second")
+HISTORY_META_COLUMNS = ("epoch", "step", "lr", "images_per_second", "data_wait_share", "monitor_knn_top1")
+MONITOR_COLUMN = "monitor_knn_top1"
 #: Column names taken as the total loss, in order of preference.
 TOTAL_LOSS_COLUMNS = ("loss", "total", "total_loss", "train_loss")
 #: Below this many samples the embedding map uses PCA instead of t-SNE.
@@ -206,11 +207,11 @@ def bin_occupancy_figure(codes: np.ndarray) -> Figure:
 def loss_curve_figure(history: pd.DataFrame) -> Figure:
     """Training loss against optimiser step: total, each term, and the learning rate.
 
-    Columns other than ``epoch``, ``step``, ``lr`` and ``images_per_second`` are loss
-    terms. The total is the column named ``loss`` (or ``total``, ``total_loss``,
-    ``train_loss``); without one, the plain sum of the terms is drawn and labelled so.
-    The top panel shows the total with the learning rate on a twin axis; the bottom
-    panel each term, since terms often differ in scale from the total.
+    Columns other than those of ``HISTORY_META_COLUMNS`` are loss terms. The total is the
+    column named ``loss`` (or ``total``, ``total_loss``, ``train_loss``); without one, the
+    plain sum of the terms is drawn and labelled so. The top panel shows the total with
+    the learning rate on a twin axis; the next each term, since terms often differ in
+    scale from the total; a last one the online kNN monitor, where the history has it.
 
     Args:
         history: one row per logged step, with at least a ``step`` column.
@@ -231,9 +232,11 @@ def loss_curve_figure(history: pd.DataFrame) -> Figure:
     else:
         raise DataError(f"history has no loss column, got {list(history.columns)}")
     step = data["step"]
+    monitor = data[MONITOR_COLUMN].dropna() if MONITOR_COLUMN in numeric else pd.Series(dtype=float)
+    panels = 1 + bool(terms) + (not monitor.empty)
 
-    fig = _new_figure(8.0, 6.4 if terms else 4.0)
-    axes = fig.subplots(2 if terms else 1, 1, sharex=True, squeeze=False)[:, 0]
+    fig = _new_figure(8.0, 2.4 + 2.0 * panels if panels > 1 else 4.0)
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
     mask = total.notna()
     ax.plot(step[mask], total[mask], color="black", linewidth=2, label=total_label)
@@ -262,6 +265,13 @@ def loss_curve_figure(history: pd.DataFrame) -> Figure:
         term_ax.set_title("Loss terms")
         term_ax.grid(alpha=0.3)
         term_ax.legend(loc="upper right")
+    if not monitor.empty:
+        knn_ax = axes[-1]
+        knn_ax.plot(step[monitor.index], monitor, color="tab:green", marker="o", label="online kNN top-1")
+        knn_ax.set_ylabel("kNN top-1 (%)")
+        knn_ax.set_title("Online kNN on a labelled slice of the training images (frozen backbone)")
+        knn_ax.grid(alpha=0.3)
+        knn_ax.legend(loc="lower right")
     axes[-1].set_xlabel("optimiser step")
     return fig
 

@@ -120,7 +120,40 @@ def load_source(config: DataConfig) -> SourceImages:
         source = SourceImages(data, canonical_originals(data))
     else:
         source = load_image_folder(Path(str(config.path)), config.max_image_pixels)
-    return subsample(source, config.max_train, config.max_test, config.seed)
+    source = subsample(source, config.max_train, config.max_test, config.seed)
+    if config.holdout == "validation":
+        source = validation_holdout(source, config.validation_size, config.seed)
+    return source
+
+
+def validation_holdout(source: SourceImages, share: float, seed: int) -> SourceImages:
+    """The training split alone, cut into training and a held-out validation part that
+    takes the ``test`` split's place: for choosing settings without looking at the test
+    images (they are dropped). The cut is seeded and stratified by label where it can be.
+
+    Raises:
+        DataError: when too few training images remain for a validation part.
+    """
+    data = source.data
+    index = np.flatnonzero(data.splits == TRAIN)
+    count = int(round(share * len(index)))
+    if count < 1 or count >= len(index):
+        raise DataError(
+            f"data.validation_size={share} leaves no validation or no training images of {len(index)}"
+        )
+    labels = data.labels[index]
+    classes = np.unique(labels)
+    usable = len(classes) > 1 and count >= len(classes) and len(index) - count >= len(classes)
+    _, held = train_test_split(index, test_size=count, random_state=seed, stratify=labels if usable else None)
+    splits = np.full(len(index), TRAIN, dtype=object)
+    splits[np.isin(index, held)] = TEST
+    subset = ImageData(data.images[index], labels, splits.astype(str), data.ids[index], data.class_names)
+    logger.info(
+        "data.holdout=validation: %d training images, %d held out in place of the test split",
+        len(index) - count,
+        count,
+    )
+    return SourceImages(subset, tuple(source.originals[i] for i in index))
 
 
 def subsample(source: SourceImages, max_train: int | None, max_test: int | None, seed: int) -> SourceImages:

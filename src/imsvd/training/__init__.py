@@ -6,7 +6,7 @@
 - :mod:`imsvd.training.loop`: :func:`pretrain`, the loop in named steps.
 """
 
-from imsvd.training.loop import PretrainResult, pretrain, resolve_precision
+from imsvd.training.loop import MonitorData, PretrainResult, pretrain, resolve_precision
 from imsvd.training.module import PretrainModule
 from imsvd.training.resume import BEST, INTERRUPTED, LAST, RunIdentity, resume_checkpoint
 
@@ -14,6 +14,7 @@ __all__ = [
     "BEST",
     "INTERRUPTED",
     "LAST",
+    "MonitorData",
     "PretrainModule",
     "PretrainResult",
     "RunIdentity",

@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from imsvd.config import MonitorConfig
+from imsvd.inference import extract_features
+from imsvd.metrics import knn_accuracy
 from imsvd.training.resume import INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -19,17 +24,25 @@ log = logging.getLogger(__name__)
 
 class History(Callback):
     """Per-step loss terms, lr and throughput, kept in the checkpoint so a resumed run's
-    curve includes the epochs before the interruption."""
+    curve includes the epochs before the interruption.
+
+    ``images_per_second`` counts pairs of views over the whole time from one step's end to
+    the next one's; ``data_wait_share`` is the part of it before the step began (loading
+    and moving the batch, and Lightning's own work between steps).
+    """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
         self._last: float | None = None
+        self._wait = 0.0
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        now = time.perf_counter()
+        self._wait = 0.0 if self._last is None else now - self._last
         if self._last is None:
-            self._last = time.perf_counter()
+            self._last = now
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -44,6 +57,7 @@ class History(Callback):
             "epoch": float(trainer.current_epoch),
             "step": float(trainer.global_step),
             "images_per_second": ips,
+            "data_wait_share": min(1.0, self._wait / elapsed),
         }
         row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         for key, value in trainer.callback_metrics.items():
@@ -125,3 +139,74 @@ class SetEpoch(Callback):
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(trainer.current_epoch)
+
+
+class OnlineKNN(Callback):
+    """kNN top-1 of the frozen current backbone on a fixed labelled slice of the training
+    images, so a user sees when the encoder stops improving (lightly's and solo-learn's
+    online monitors do the same; theirs need a validation loader, this one a slice).
+
+    The value goes to the logger as ``monitor/knn_top1`` (percent) and into the history
+    row of that step as ``monitor_knn_top1``.
+
+    Args:
+        images: (N, H, W, C) uint8 labelled training images.
+        labels: (N,) their labels (>= 0).
+        size, mean, std: the encoder's input side and normalisation.
+        cfg: the monitor's settings.
+        history: the run's history, whose last row receives the value.
+        seed: picks the slice and splits it into bank and queries.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        size: int,
+        mean: Any,
+        std: Any,
+        cfg: MonitorConfig,
+        history: History,
+        seed: int,
+    ) -> None:
+        order = np.random.default_rng(seed).permutation(len(images))[: cfg.images]
+        self.images = images[order]
+        self.labels = np.asarray(labels)[order]
+        self.bank = max(1, int(round(0.8 * len(order))))
+        self.size, self.mean, self.std = size, mean, std
+        self.cfg = cfg
+        self.history = history
+        self._last_step = 0
+        self.seconds = 0.0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last_epoch = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        if trainer.global_step - self._last_step < self.cfg.every_n_steps and not last_epoch:
+            return
+        self._last_step = trainer.global_step
+        start = time.perf_counter()
+        encoder: torch.nn.Module = pl_module.encoder  # type: ignore[assignment]
+        features = extract_features(encoder, self.images, self.size, self.mean, self.std).backbone
+        encoder.train()
+        b = self.bank
+        top1 = knn_accuracy(
+            features[:b],
+            self.labels[:b],
+            features[b:],
+            self.labels[b:],
+            k=self.cfg.knn_k,
+            temperature=self.cfg.knn_temperature,
+            ks=(1,),
+        )[1]
+        self.seconds += time.perf_counter() - start
+        pl_module.log("monitor/knn_top1", 100.0 * top1, on_step=False, on_epoch=True)
+        if self.history.rows:
+            self.history.rows[-1]["monitor_knn_top1"] = 100.0 * top1
+        if trainer.is_global_zero:
+            log.info(
+                "epoch %d: online kNN top-1 %.1f %% on %d training images (%.2f s)",
+                trainer.current_epoch + 1,
+                100.0 * top1,
+                len(self.labels) - b,
+                time.perf_counter() - start,
+            )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
@@ -27,20 +28,42 @@ from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
 from imsvd.distributed import SyncBatchNormPlugin
 from imsvd.errors import TrainingError
-from imsvd.training.callbacks import History, PlainProgress, SaveOnInterrupt, SetEpoch
+from imsvd.training.callbacks import History, OnlineKNN, PlainProgress, SaveOnInterrupt, SetEpoch
 from imsvd.training.module import PretrainModule
 from imsvd.training.resume import INTERRUPTED, LAST, AtomicCheckpointIO, RunIdentity, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes in bf16 natively (the kernel reports ``avx512_bf16`` or
+    ``amx_bf16``). Elsewhere oneDNN emulates bf16, which is slower than float32, so the
+    flags are read rather than guessed from the vendor or torch's build.
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (read when omitted; no file: False).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_precision(cfg: PretrainConfig) -> str:
-    """``auto``: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32 on CPU."""
+    """``auto``: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs; on a CPU,
+    bf16-mixed where it has native bf16 arithmetic, else 32-true. The losses upcast to
+    float32 whatever the precision."""
     if cfg.precision != "auto":
         return cfg.precision
     on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if not on_gpu:
-        return "32-true"
+        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
@@ -101,11 +124,30 @@ def steps_per_epoch(loader: DataLoader, cfg: PretrainConfig) -> int:
     return max(1, min(steps, cfg.max_steps_per_epoch or steps))
 
 
-def make_callbacks(cfg: PretrainConfig, history: History, with_logger: bool) -> list[Callback]:
-    """History, fresh pairs per epoch, save on interrupt, checkpoints, lr and progress."""
+@dataclass(frozen=True)
+class MonitorData:
+    """What the online kNN monitor embeds: labelled training images at the encoder's input.
+
+    Attributes:
+        images: (N, H, W, C) uint8 training images.
+        labels: (N,) int labels, all >= 0.
+        size: the side the encoder takes (``augment.size``).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    size: int
+
+
+def make_callbacks(
+    cfg: PretrainConfig, history: History, with_logger: bool, monitor: OnlineKNN | None = None
+) -> list[Callback]:
+    """History, the online monitor, fresh pairs per epoch, save on interrupt, checkpoints,
+    lr and progress. The monitor runs before the checkpoints, so they hold its value."""
     ckpt_dir = Path(cfg.checkpoint_dir)
     callbacks: list[Callback] = [
         history,
+        *([monitor] if monitor is not None else []),
         SetEpoch(),
         SaveOnInterrupt(ckpt_dir),
         # Two callbacks: Lightning's save_last only writes when the monitored loss improved,
@@ -192,6 +234,7 @@ def pretrain(
     cfg: PretrainConfig,
     identity: RunIdentity,
     logger: Logger | bool = False,
+    monitor_data: MonitorData | None = None,
 ) -> PretrainResult:
     """Train an encoder with ``cfg.method`` on pairs of uint8 views.
 
@@ -203,6 +246,8 @@ def pretrain(
         cfg: pretraining parameters.
         identity: parameters/data identity (checkpoints are resumed only on a match).
         logger: a Lightning logger (MLflow) or ``False``.
+        monitor_data: labelled training images for the online kNN monitor (``None``, or
+            ``pretrain.monitor.every_n_steps: 0``, runs without it).
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = Path(cfg.checkpoint_dir)
@@ -216,7 +261,19 @@ def pretrain(
     steps = steps_per_epoch(loader, cfg)
     module = PretrainModule(cfg, in_channels, mean, std, steps, identity)
     history = History()
-    trainer = make_trainer(cfg, steps, make_callbacks(cfg, history, bool(logger)), logger)
+    monitor = None
+    if monitor_data is not None and cfg.monitor.every_n_steps > 0:
+        monitor = OnlineKNN(
+            monitor_data.images,
+            monitor_data.labels,
+            monitor_data.size,
+            mean,
+            std,
+            cfg.monitor,
+            history,
+            cfg.seed,
+        )
+    trainer = make_trainer(cfg, steps, make_callbacks(cfg, history, bool(logger), monitor), logger)
     log.info(
         "pretraining %s (%s, width %s) for %d epochs of %d steps, views from the %s",
         cfg.method,
@@ -227,5 +284,7 @@ def pretrain(
         view_source,
     )
     seconds = fit(trainer, module, loader, resume)
+    if monitor is not None:
+        log.info("online kNN monitor: %.1f s of %.1f s of training", monitor.seconds, seconds)
     frame = read_history(history, ckpt_dir)
     return PretrainResult(trainer.lightning_module, frame, resumed_epoch, view_source, seconds)  # type: ignore[arg-type]

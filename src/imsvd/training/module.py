@@ -51,6 +51,10 @@ class PretrainModule(L.LightningModule):
         self.identity = identity
         self.steps_per_epoch = steps_per_epoch
         self.encoder = build_encoder(cfg.backbone, cfg.width, cfg.projector_dims, in_channels)
+        if cfg.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if cfg.compile:
+            self.encoder.compile()  # in place: the state_dict keys stay those of the plain encoder
         self.loss_fn = loss_for_method(cfg)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
@@ -64,7 +68,11 @@ class PretrainModule(L.LightningModule):
                 self._flip_generator.manual_seed(self.cfg.seed * 1009 + self.global_rank)
             x1 = random_hflip(x1, self._flip_generator)
             x2 = random_hflip(x2, self._flip_generator)
-        return normalize(x1, self.mean, self.std), normalize(x2, self.mean, self.std)
+        x1, x2 = normalize(x1, self.mean, self.std), normalize(x2, self.mean, self.std)
+        if self.cfg.channels_last:
+            x1 = x1.contiguous(memory_format=torch.channels_last)
+            x2 = x2.contiguous(memory_format=torch.channels_last)
+        return x1, x2
 
     def gather(self, z: Tensor) -> Tensor:
         """All ranks' rows, gradients flowing back to each rank (identity on one process)."""
