@@ -114,16 +114,17 @@ def test_multi_view_transform_gives_one_view_per_transform() -> None:
         MultiViewTransform([])
 
 
-def test_parameters_file_is_the_reference_recipe_but_for_the_crop_scale() -> None:
+def test_parameters_file_is_the_reference_recipe_but_for_the_crop_scale_and_flips() -> None:
     values = yaml.safe_load((ROOT / "conf/base/parameters_augment.yml").read_text())["augment"]
     from imsvd.config import parse
 
     parsed = parse(AugmentConfig, values, "augment")
-    # The shipped file is the reference CIFAR recipe except for the crop scale, raised
-    # for 8x8 digits (see the file's comment).
+    # The shipped file is the reference CIFAR recipe except for the crop scale, raised for
+    # 8x8 digits, and the flips, off for digits (see the file's comments).
     reference = reference_cifar_recipe()
-    assert dataclasses.replace(parsed, scale_min=reference.scale_min) == reference
+    assert dataclasses.replace(parsed, scale_min=reference.scale_min, hflip_p=reference.hflip_p) == reference
     assert (parsed.scale_min, reference.scale_min) == (0.5, 0.2)
+    assert (parsed.hflip_p, reference.hflip_p) == (0.0, 0.5)
 
 
 # --------------------------------------------------------------------------- cache

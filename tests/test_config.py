@@ -56,7 +56,7 @@ def test_shipped_parameters_are_the_dataclass_defaults(pipeline, section, cls):
 
 def test_a_changed_default_is_caught():
     values = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
-    values["imsvd"] = {**values["imsvd"], "bin_size": 16}
+    values["imsvd"] = {**values["imsvd"], "bin_size": 32}
     assert parse(PretrainConfig, values, "pretrain") != PretrainConfig()
 
 

@@ -174,14 +174,15 @@ class AugmentConfig:
 
     The defaults are those of ``parameters_augment.yml``: the reference CIFAR recipe
     except the crop scale, which starts at 0.5 (the reference's 0.2 keeps too little of
-    an 8x8 digit); :func:`imsvd.augment.reference_cifar_recipe` gives the paper's values.
+    an 8x8 digit), and no horizontal flip (a mirrored digit is another glyph);
+    :func:`imsvd.augment.reference_cifar_recipe` gives the paper's values.
     """
 
     views: int = 8
     size: int = 16
     scale_min: float = 0.5
     scale_max: float = 1.0
-    hflip_p: float = 0.5
+    hflip_p: float = 0.0
     jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
@@ -212,7 +213,7 @@ class IMSVDConfig:
     Field names are the keyword arguments of :func:`imsvd.losses.imsvd_loss`.
     """
 
-    bin_size: int = 32
+    bin_size: int = 16
     temperature: float = 1.0
     diagonal_coeff: float = 1.0
     off_block_coeff: float = 1.0
@@ -309,7 +310,7 @@ class PretrainConfig:
     vicreg: VICRegConfig = VICRegConfig()
     simclr: SimCLRConfig = SimCLRConfig()
     monitor: MonitorConfig = MonitorConfig()
-    epochs: int = 30
+    epochs: int = 150
     batch_size: int = 256
     base_lr: float = 0.4
     min_lr_ratio: float = 0.001
@@ -319,7 +320,7 @@ class PretrainConfig:
     resume: bool = True
     seed: int = 0
     use_cache: bool = True
-    device_flip: bool = True
+    device_flip: bool = False
     accelerator: str = "auto"
     devices: str = "auto"
     num_nodes: int = 1
