@@ -206,7 +206,7 @@ def test_second_build_reuses_without_work(
         ({"seed": 1}, "seed"),
         ({"views": 3}, "params"),
         ({"size": 12}, "params"),
-        ({"hflip_p": 0.0}, "params"),
+        ({"hflip_p": 0.5}, "params"),
         ({"solarize_p": 0.2}, "params"),
     ],
 )
