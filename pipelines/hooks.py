@@ -239,8 +239,12 @@ class MlflowTrackingHook:
 
     @hook_impl
     def on_pipeline_error(self, error: Exception) -> None:
-        if self._active:
-            import mlflow
+        try:
+            if self._active:
+                import mlflow
 
-            mlflow.set_tag("error", str(error)[:5000])
-        self._end("FAILED")
+                mlflow.set_tag("error", str(error)[:5000])
+        except Exception:  # noqa: BLE001 - the run must still be ended FAILED, never left RUNNING
+            log.warning("could not tag the MLflow run with the error", exc_info=True)
+        finally:
+            self._end("FAILED")
