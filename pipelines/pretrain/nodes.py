@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from imsvd.augment import pair_dataset
 from imsvd.checkpoints import encoder_payload
 from imsvd.config import AugmentConfig, PretrainConfig, parse
-from imsvd.data import TRAIN, UNLABELLED, ImageData
+from imsvd.data import TRAIN, ImageData, is_labelled
 from imsvd.plots import loss_curve_figure
 from imsvd.preprocess import channel_stats
 from imsvd.tracking import lightning_logger
@@ -47,7 +47,7 @@ def pretrain_encoder(
     dataset, source = pair_dataset(train, fingerprint, augment, use_cache=use_cache, seed=cfg.seed)
     mean, std = channel_stats(train)
     identity = RunIdentity.of(cfg, augment, fingerprint)
-    labelled = bool((train_split.labels != UNLABELLED).all())
+    labelled = is_labelled(train_split.labels)
     if not labelled:
         log.info("online kNN monitor off: the training images are not all labelled")
     monitor = MonitorData(train, train_split.labels, augment.size) if labelled else None

@@ -15,6 +15,11 @@ TEST = "test"
 UNLABELLED = -1
 
 
+def is_labelled(labels: np.ndarray) -> bool:
+    """True when a split has images and every one of them has a label."""
+    return bool(len(labels)) and bool((labels != UNLABELLED).all())
+
+
 @dataclass(frozen=True)
 class ImageData:
     """A labelled (or unlabelled) image set in one canonical form.

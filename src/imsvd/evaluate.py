@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from imsvd.checkpoints import load_encoder
 from imsvd.config import EvaluateConfig, PretrainConfig
-from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
+from imsvd.data import TEST, TRAIN, ImageData, is_labelled
 from imsvd.inference import Features, extract_features, images_per_second
 from imsvd.losses import joint_distribution, soft_discretize
 from imsvd.metrics import (
@@ -61,11 +61,6 @@ class Embeddings:
     @property
     def is_imsvd(self) -> bool:
         return self.config.method == "imsvd"
-
-
-def is_labelled(labels: np.ndarray) -> bool:
-    """True when a split has images and every one of them has a label."""
-    return bool(len(labels)) and bool((labels != UNLABELLED).all())
 
 
 def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig) -> Embeddings:
