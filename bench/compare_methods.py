@@ -82,11 +82,15 @@ class Diverged(RuntimeError):
     """Pretraining stopped on a non-finite loss."""
 
 
-def kedro(project: Path, pipeline: str, params: dict[str, object]) -> tuple[float, float]:
+def kedro(
+    project: Path, pipeline: str, params: dict[str, object], conf_env: str | None = None
+) -> tuple[float, float]:
     """Run one pipeline; return (wall seconds, peak resident MiB of the process tree)."""
     text = ",".join(f"{k}={v}" for k, v in params.items())
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", COLUMNS="200")
     command = [sys.executable, "-m", "kedro", "run", f"--pipeline={pipeline}", "--params", text]
+    if conf_env:
+        command.append(f"--env={conf_env}")
     start = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -122,7 +126,7 @@ def main() -> int:
     parser.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--max-train", type=int)
     parser.add_argument("--max-test", type=int)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, help="default: the environment's (--budget env) or 20")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
         "--extra-seed-methods",
@@ -131,7 +135,16 @@ def main() -> int:
         help="methods run with every seed (besides the best baseline at the first seed)",
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--budget", choices=tuple(BUDGETS), default="cpu")
+    parser.add_argument(
+        "--budget",
+        choices=(*BUDGETS, "env"),
+        default="cpu",
+        help="shared width, batch and view size; 'env' takes them (and the epochs, unless "
+        "--epochs is given) from the Kedro environment named by --env",
+    )
+    parser.add_argument(
+        "--env", help="Kedro configuration environment for every run (e.g. fashion_mnist)"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value parameters for every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", help="output file stem (default compare_<data>[_<budget>])")
@@ -146,14 +159,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
     project = work / "project"
     commit = export_project(project)
+    if args.budget == "env" and not args.env:
+        parser.error("--budget env needs --env")
     data = {"data.source": args.data}
-    if args.data != "digits":
+    if args.data != "digits" and args.budget != "env":
         data["data.path"] = args.data_path
     if args.max_train:
         data["data.max_train"] = args.max_train
     if args.max_test:
         data["data.max_test"] = args.max_test
-    shared = {**data, **BUDGETS[args.budget], "pretrain.epochs": args.epochs, "pretrain.resume": "false"}
+    shared = {**data, **BUDGETS.get(args.budget, {}), "pretrain.resume": "false"}
+    if args.epochs or args.budget != "env":
+        shared["pretrain.epochs"] = args.epochs or 20
     shared.update(dict(item.split("=", 1) for item in args.set))
     rows: list[dict] = []
     if args.reuse:
@@ -172,15 +189,20 @@ def main() -> int:
             if not (row["method"] in args.methods and row["seed"] in args.seeds)
         ]
     print(f"work folder {project}; shared parameters {shared}", flush=True)
-    kedro(project, "validate", shared)
-    kedro(project, "augment", shared)
+    kedro(project, "validate", shared, args.env)
+    kedro(project, "augment", shared, args.env)
 
     # The exported commit's own default (parameters_pretrain.yml) unless --set names one.
     shipped = yaml.safe_load((project / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
+    if args.env and (project / "conf" / args.env / "parameters.yml").is_file():
+        shipped.update(
+            (yaml.safe_load((project / "conf" / args.env / "parameters.yml").read_text()) or {}).get("pretrain", {})
+        )
     start_lr = float(shared.get("pretrain.base_lr", shipped["base_lr"]))
     base_lr = dict.fromkeys(args.methods, start_lr)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or f"compare_{args.data}{'' if args.budget == 'cpu' else '_' + args.budget}")
+    suffix = {"cpu": "", "env": f"_{args.env}"}.get(args.budget, f"_{args.budget}")
+    stem = args.out / (args.name or f"compare_{args.data}{suffix}")
 
     def save() -> None:
         """Rewrite the results after every row, so an interrupted run keeps what it measured."""
@@ -203,7 +225,7 @@ def main() -> int:
                 "pretrain.base_lr": base_lr[method],
             }
             try:
-                wall, peak = kedro(project, "pretrain", params)
+                wall, peak = kedro(project, "pretrain", params, args.env)
                 break
             except Diverged as error:
                 print(f"{method} seed {seed} diverged at base_lr {base_lr[method]}: {error}", flush=True)
@@ -220,11 +242,12 @@ def main() -> int:
                     save()
                     return
                 base_lr[method] /= 2
-        kedro(project, "evaluate", params)
+        kedro(project, "evaluate", params, args.env)
         metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
         history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
         header = history[0].split(",")
         ips = [float(line.split(",")[header.index("images_per_second")]) for line in history[1:]]
+        steps = int(float(history[-1].split(",")[header.index("step")]))
         rows.append(
             {
                 "commit": commit,
@@ -232,6 +255,7 @@ def main() -> int:
                 "seed": seed,
                 "base_lr": base_lr[method],
                 "pretrain_wall_s": wall,
+                "optimizer_steps": steps,
                 "images_per_second": statistics.median(ips[len(ips) // 4 :]),
                 "peak_rss_mib": peak,
                 **metrics,
@@ -271,13 +295,15 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str)
         f"Run {datetime.date.today().isoformat()} at commit {commit} on {os.cpu_count()} cores ({cpu}), torch CPU; "
         f"data {args.data}"
         + (f" (train ≤ {args.max_train}, test ≤ {args.max_test})" if args.max_train else "")
-        + f"; budget '{args.budget}': {args.epochs} epochs, shared parameters `{json.dumps(shared)}`.",
+        + f"; budget '{args.budget}'"
+        + (f" (Kedro environment `{args.env}`)" if args.env else "")
+        + f": {shared.get('pretrain.epochs', 'the environment’s')} epochs, shared parameters `{json.dumps(shared)}`.",
         "Accuracies in percent on the test split; ± is the standard deviation over the seeds "
         f"{sorted({r['seed'] for r in rows})} where a row ran more than one; a row from an earlier "
         "commit says so.",
         "",
-        "| method | seeds | base_lr | linear top-1 | kNN top-1 (k=20, T=0.07) | kNN top-1 (k=200, T=0.1) | effective rank | pretrain wall s | images/s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | base_lr | linear top-1 | kNN top-1 (k=20, T=0.07) | kNN top-1 (k=200, T=0.1) | effective rank | optimiser steps | pretrain wall s | images/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method and "linear_top1" in r]
@@ -285,7 +311,7 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str)
         if failed:
             lines.append(
                 f"| {method} | {len(failed)} diverged | ≤ {failed[0]['base_lr']} | "
-                f"seeds {[r['seed'] for r in failed]}: non-finite loss | – | – | – | – | – | – |"
+                f"seeds {[r['seed'] for r in failed]}: non-finite loss | – | – | – | – | – | – | – |"
             )
         if not group:
             continue
@@ -301,13 +327,13 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str)
         )
         lines.append(
             f"| {label} | {len(group)} | {' / '.join(str(lr) for lr in dict.fromkeys(r['base_lr'] for r in group))} | {col('linear_top1')} | {col('knn_top1')} | {col('knn200_top1')} | "
-            f"{col('effective_rank')} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
+            f"{col('effective_rank')} | {col('optimizer_steps') if all('optimizer_steps' in r for r in group) else '–'} | {col('pretrain_wall_s')} | {col('images_per_second')} | {col('peak_rss_mib')} |"
         )
     first = next(r for r in rows if "linear_top1" in r)
     for name, suffix in (("raw pixels", "_raw_pixels"), ("random encoder", "_random_encoder")):
         lines.append(
             f"| {name} | – | – | {first['linear_top1' + suffix]:.2f} | {first['knn_top1' + suffix]:.2f} | "
-            f"{first['knn200_top1' + suffix]:.2f} | – | – | – | – |"
+            f"{first['knn200_top1' + suffix]:.2f} | – | – | – | – | – |"
         )
     return "\n".join(lines) + "\n"
 
