@@ -78,6 +78,34 @@ def export_project(destination: Path) -> str:
     return commit
 
 
+def import_paths(project: Path) -> list[str]:
+    """Put the export's own packages first on the path of every run.
+
+    The working tree is installed in editable mode, and its finder maps ``imsvd_pipelines``
+    to the working tree's ``pipelines/``: without this, an export's runs would import the
+    export's ``imsvd`` (Kedro puts ``src/`` first) but the working tree's pipelines, and
+    an edit made while a long comparison runs would break it or change its rows.
+    """
+    shim = project / ".imports"
+    shim.mkdir(exist_ok=True)
+    link = shim / "imsvd_pipelines"
+    if not link.exists():
+        link.symlink_to(project / "pipelines", target_is_directory=True)
+    return [str(project / "src"), str(shim)]
+
+
+def check_imports(project: Path) -> None:
+    """Fail at once unless a run in ``project`` imports both packages from the export."""
+    code = "import imsvd, imsvd_pipelines; print(imsvd.__file__); print(imsvd_pipelines.__file__)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(import_paths(project)))
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    outside = [f for f in found if not Path(f).resolve().is_relative_to(project.resolve())]
+    if outside:
+        raise SystemExit(f"the export at {project} would import {outside} from outside it")
+
+
 class Diverged(RuntimeError):
     """Pretraining stopped on a non-finite loss."""
 
@@ -88,6 +116,7 @@ def kedro(
     """Run one pipeline; return (wall seconds, peak resident MiB of the process tree)."""
     text = ",".join(f"{k}={v}" for k, v in params.items())
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", COLUMNS="200")
+    env["PYTHONPATH"] = os.pathsep.join(import_paths(project))
     command = [sys.executable, "-m", "kedro", "run", f"--pipeline={pipeline}", "--params", text]
     if conf_env:
         command.append(f"--env={conf_env}")
@@ -142,9 +171,7 @@ def main() -> int:
         help="shared width, batch and view size; 'env' takes them (and the epochs, unless "
         "--epochs is given) from the Kedro environment named by --env",
     )
-    parser.add_argument(
-        "--env", help="Kedro configuration environment for every run (e.g. fashion_mnist)"
-    )
+    parser.add_argument("--env", help="Kedro configuration environment for every run (e.g. fashion_mnist)")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value parameters for every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", help="output file stem (default compare_<data>[_<budget>])")
@@ -159,6 +186,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
     project = work / "project"
     commit = export_project(project)
+    check_imports(project)
     if args.budget == "env" and not args.env:
         parser.error("--budget env needs --env")
     data = {"data.source": args.data}
@@ -196,7 +224,9 @@ def main() -> int:
     shipped = yaml.safe_load((project / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
     if args.env and (project / "conf" / args.env / "parameters.yml").is_file():
         shipped.update(
-            (yaml.safe_load((project / "conf" / args.env / "parameters.yml").read_text()) or {}).get("pretrain", {})
+            (yaml.safe_load((project / "conf" / args.env / "parameters.yml").read_text()) or {}).get(
+                "pretrain", {}
+            )
         )
     start_lr = float(shared.get("pretrain.base_lr", shipped["base_lr"]))
     base_lr = dict.fromkeys(args.methods, start_lr)

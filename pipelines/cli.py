@@ -1,19 +1,33 @@
-"""Project CLI: Kedro's own ``kedro run``, with the project's errors shown plainly.
+"""Project CLI: Kedro's own ``kedro run``, with the project's errors shown plainly, and
+the same command under the launchers clusters use (``torchrun``, ``srun``).
 
 Bad input and bad configuration raise :class:`imsvd.errors.ImsvdError` with a message
 that names the file or parameter; a user should read that message, not a traceback from
 deep inside a library. Everything else (unexpected bugs) keeps its full traceback.
+
+Under a launcher every process runs this command. Rank 0 runs the Kedro session as
+``kedro run`` would (project lock, MLflow run, catalog outputs, checkpoints); every other
+rank only trains: it reads the same configuration and inputs through the catalog, runs
+the pretrain node's function, and leaves without saving anything or opening MLflow.
+Only the ``pretrain`` pipeline may be launched: ``validate`` and ``augment`` need no GPU
+and run once before the launch (README, "Many GPUs, many machines").
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 import click
 from kedro.framework.cli.project import run as kedro_run
 
-from imsvd.errors import ImsvdError
+from imsvd.distributed import Launch, launched
+from imsvd.errors import ConfigError, ImsvdError
+
+log = logging.getLogger(__name__)
+
+LAUNCHABLE = "pretrain"
 
 
 def project_error(exc: BaseException | None) -> ImsvdError | None:
@@ -27,8 +41,63 @@ def project_error(exc: BaseException | None) -> ImsvdError | None:
     return None
 
 
+def _pipelines(kwargs: dict[str, Any]) -> list[str]:
+    if kwargs.get("pipeline"):
+        return [kwargs["pipeline"]]
+    return sorted(set(kwargs.get("pipelines") or [])) or ["__default__"]
+
+
+def _check_launch(launch: Launch, kwargs: dict[str, Any]) -> None:
+    names = _pipelines(kwargs)
+    if names != [LAUNCHABLE]:
+        raise ConfigError(
+            f"--pipeline={','.join(names)} under {launch.launcher} ({launch.world_size} processes): only "
+            f"--pipeline={LAUNCHABLE} is launched on many processes; run `kedro run "
+            "--pipelines=validate,augment` once before the launch and `kedro run --pipeline=evaluate` after it"
+        )
+    narrowing = [
+        k
+        for k in ("node_names", "from_nodes", "to_nodes", "from_inputs", "to_outputs", "tags")
+        if kwargs.get(k)
+    ]
+    if narrowing:
+        raise ConfigError(
+            f"--{narrowing[0].replace('_', '-')} cannot be combined with a launch: every rank must run the same node"
+        )
+
+
+def train_only(kwargs: dict[str, Any]) -> None:
+    """A non-zero rank: the pretrain node's function on the catalog's inputs, nothing saved.
+
+    The node is the same one rank 0 runs inside its Kedro session, with the same
+    parameters (``--env``, ``--conf-source``, ``--params``), so both build the same
+    trainer and meet in the same collective calls; its outputs are dropped here.
+    """
+    from kedro.framework.project import pipelines
+    from kedro.framework.session import KedroSession
+
+    with KedroSession.create(
+        env=kwargs.get("env"), conf_source=kwargs.get("conf_source"), runtime_params=kwargs.get("params")
+    ) as session:
+        assert isinstance(session, KedroSession)  # create() is typed as the abstract session
+        catalog = session.load_context().catalog
+        for node in pipelines[LAUNCHABLE].nodes:
+            node.run({name: catalog.load(name) for name in node.inputs})
+
+
 def _run(**kwargs: Any) -> None:
     try:
+        launch = launched()
+        if launch is not None and launch.world_size > 1:
+            _check_launch(launch, kwargs)
+            if launch.global_rank != 0:
+                log.info(
+                    "rank %d of %d: training only; rank 0 writes the outputs",
+                    launch.global_rank,
+                    launch.world_size,
+                )
+                train_only(kwargs)
+                return
         kedro_run.callback(**kwargs)  # type: ignore[misc]
     except Exception as exc:
         error = project_error(exc)

@@ -19,6 +19,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from imsvd.data import ImageData
+from imsvd.distributed import is_writer
 from imsvd.errors import ImsvdError
 from imsvd.tracking import flatten, git_revision, resolve_tracking_uri
 
@@ -28,8 +29,9 @@ ARTIFACT_SUFFIXES = {".png", ".json", ".csv"}
 
 
 def _is_worker_rank() -> bool:
-    """True in the extra processes of a torchrun/DDP launch, which must not log or lock."""
-    return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+    """True in the non-zero ranks of a ``torchrun``/``srun`` launch, which must not log or
+    lock (they do not run a Kedro pipeline either: :func:`imsvd_pipelines.cli.train_only`)."""
+    return not is_writer()
 
 
 class ParameterCheckHook:

@@ -379,3 +379,31 @@ def test_mlflow_runs_share_the_tag_when_dvc_lock_is_committed(pretrain_changed: 
     runs = mlflow.search_runs(experiment_names=["imsvd"])
     assert len(runs) == 2  # pretrain and evaluate
     assert runs["tags.imsvd.reproduction"].nunique() == 1, runs["tags.imsvd.reproduction"].tolist()
+
+
+# --- a cluster run -----------------------------------------------------------------
+
+
+def test_a_launched_pretraining_is_recorded_with_dvc_commit(reproduced: Reproduction, tmp_path: Path) -> None:
+    """README "Many GPUs, many machines": the launcher runs the pretrain stage's work
+    (here ``torchrun --standalone``, two processes), ``dvc commit pretrain`` records its
+    outputs in the lock, and ``dvc repro`` then runs only what follows (evaluate)."""
+    project = clone_project(reproduced.project, tmp_path)
+    set_parameters(project.path, "pretrain", {"seed": 1, "precision": "32-true"})
+    before = digest(project.path / "data/06_models/encoder.pt")
+    env = dict(project.env, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    launch += ["-m", "imsvd_pipelines", "run", "--pipeline=pretrain"]
+    done = subprocess.run(launch, cwd=project.path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert digest(project.path / "data/06_models/encoder.pt") != before
+    assert "pretrain" in project.dvc("status")  # changed parameters and outputs, not recorded yet
+
+    project.dvc("commit", "--force", "pretrain")
+    lock = yaml.safe_load((project.path / "dvc.lock").read_text())
+    recorded = {o["path"]: o["md5"] for o in lock["stages"]["pretrain"]["outs"]}
+    assert (
+        recorded["data/06_models/encoder.pt"]
+        == hashlib.md5((project.path / "data/06_models/encoder.pt").read_bytes()).hexdigest()
+    )
+    assert stages_run(project.dvc("repro")) == ["evaluate"]

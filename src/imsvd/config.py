@@ -325,6 +325,7 @@ class PretrainConfig:
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    collective_timeout_s: float = 600.0
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -354,6 +355,12 @@ class PretrainConfig:
             f"must be one of {OPTIMIZERS}, got {self.optimizer!r}",
         )
         _check(self.num_workers >= 0, "pretrain.num_workers", "must be >= 0")
+        _check(self.num_nodes >= 1, "pretrain.num_nodes", f"must be at least 1, got {self.num_nodes}")
+        _check(
+            self.collective_timeout_s > 0,
+            "pretrain.collective_timeout_s",
+            f"must be positive, got {self.collective_timeout_s}",
+        )
         _check(self.log_every_n_steps >= 1, "pretrain.log_every_n_steps", "must be >= 1")
         _check(
             self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
@@ -396,6 +403,7 @@ class PretrainConfig:
             "devices",
             "num_nodes",
             "strategy",
+            "collective_timeout_s",
             "num_workers",
             "log_every_n_steps",
             "precision",

@@ -1,19 +1,128 @@
-"""BatchNorm synchronised across processes on CPU as well as GPU.
+"""Several processes: which launcher started this one, the shuffle they share, and
+BatchNorm synchronised across them on CPU as well as GPU.
 
-``torch.nn.SyncBatchNorm`` refuses CPU tensors (and DDP refuses it on CPU modules), so
-a CPU (gloo) DDP run would train with per-process statistics and differ from one
-process on the whole batch. On GPU the plugin below uses torch's own SyncBatchNorm; on
+Launchers: ``torchrun`` (torchelastic) and SLURM's ``srun`` are recognised through
+Lightning's own cluster environments, so what Lightning's trainer sees and what the
+project's entry point and hooks see cannot disagree.
+
+BatchNorm: ``torch.nn.SyncBatchNorm`` refuses CPU tensors (and DDP refuses it on CPU
+modules), so a CPU (gloo) DDP run would train with per-process statistics and differ from
+one process on the whole batch. On GPU the plugin below uses torch's own SyncBatchNorm; on
 CPU it swaps in :class:`GlobalBatchNorm`, which computes the global mean and variance
 with differentiable all-reduces.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a launch by ``torchrun`` or ``srun``.
+
+    Attributes:
+        launcher: ``"torchrun"`` or ``"slurm"``.
+        global_rank: rank among all processes (0 writes every output).
+        world_size: processes in all (nodes times processes per node).
+        local_world_size: processes on this node.
+    """
+
+    launcher: str
+    global_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def launched() -> Launch | None:
+    """The launch this process belongs to, or ``None`` when nothing launched it
+    (a plain ``kedro run``; Lightning's own spawned workers also read as ``None`` in
+    the parent, which is the process that runs the Kedro session).
+
+    A SLURM allocation with one task (an ``sbatch`` script running ``kedro run``
+    directly) is no launch: there is nothing to share.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        elastic = TorchElasticEnvironment()
+        world = elastic.world_size()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        return Launch("torchrun", elastic.global_rank(), world, local)
+    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        slurm = SLURMEnvironment()
+        local = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        return Launch("slurm", slurm.global_rank(), slurm.world_size(), local)
+    return None
+
+
+def is_writer() -> bool:
+    """True in the one process that writes outputs, checkpoints and the MLflow run:
+    global rank 0 of a launch, or the only process."""
+    launch = launched()
+    return launch is None or launch.global_rank == 0
+
+
+class SharedShuffle(Sampler[int]):
+    """Every rank's share of one seeded permutation of the data set, per epoch.
+
+    All ranks draw the same permutation (seed and epoch), drop its tail to a multiple of
+    ``batch_size``, and rank ``r`` of ``W`` reads every ``W``-th index from ``r``. So
+    global batch ``k`` (the union of the ranks' ``k``-th batches of ``batch_size / W``)
+    is exactly batch ``k`` of a single process with the same seed: a run on any number
+    of processes sees the batches of one process, and the equality of the two is
+    testable. torch's ``DistributedSampler`` splits the same way but fixes rank and
+    world size when built, which for Lightning's spawned workers is before the process
+    group exists; this one reads them when iterated.
+
+    Lightning calls ``set_epoch`` at each epoch's start (and the loader must be given to
+    the trainer with ``use_distributed_sampler=False``).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @staticmethod
+    def _place() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _used(self) -> int:
+        # Whole global batches only, as drop_last would give one process (but keep a data
+        # set smaller than one batch whole, split evenly over the ranks).
+        _, world = self._place()
+        if self.size >= self.batch_size:
+            return self.size - self.size % self.batch_size
+        return self.size - self.size % world
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._place()
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)[: self._used()]
+        return iter(order[rank::world].tolist())
+
+    def __len__(self) -> int:
+        return self._used() // self._place()[1]
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -7,11 +7,12 @@ callbacks, trainer, fit, history. CPU, one GPU, or several devices with DDP.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
-from imsvd.distributed import SyncBatchNormPlugin
-from imsvd.errors import TrainingError
+from imsvd.distributed import SharedShuffle, SyncBatchNormPlugin, is_writer, launched
+from imsvd.errors import ConfigError, TrainingError
 from imsvd.training.callbacks import History, OnlineKNN, PlainProgress, SaveOnInterrupt, SetEpoch
 from imsvd.training.module import PretrainModule
 from imsvd.training.resume import INTERRUPTED, LAST, AtomicCheckpointIO, RunIdentity, resume_checkpoint
@@ -67,24 +68,50 @@ def resolve_precision(cfg: PretrainConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def _devices(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+def placement(cfg: PretrainConfig) -> tuple[int | str, int]:
+    """``(devices per node, nodes)`` for the trainer.
+
+    Under ``torchrun`` or ``srun`` they come from the launcher (``pretrain.devices: auto``
+    and ``pretrain.num_nodes: 1`` follow it; other values must agree with it); otherwise
+    from the parameters.
+    """
+    devices: int | str = int(cfg.devices) if cfg.devices.isdigit() else cfg.devices
+    launch = launched()
+    if launch is None:
+        return devices, cfg.num_nodes
+    if devices not in ("auto", launch.local_world_size):
+        raise ConfigError(
+            f"pretrain.devices={cfg.devices} but {launch.launcher} started {launch.local_world_size} "
+            "process(es) per node: leave pretrain.devices at auto under a launcher, or make them agree"
+        )
+    if cfg.num_nodes not in (1, launch.num_nodes):
+        raise ConfigError(
+            f"pretrain.num_nodes={cfg.num_nodes} but {launch.launcher} started {launch.num_nodes} "
+            "node(s): leave pretrain.num_nodes at 1 under a launcher, or make them agree"
+        )
+    return launch.local_world_size, launch.num_nodes
 
 
 def _strategy(cfg: PretrainConfig) -> Any:
-    """Several devices from inside a ``kedro run`` use spawned workers: Lightning's default
-    DDP launcher re-executes the whole command line once per rank, which would rerun the
-    Kedro session in every rank."""
+    """DDP whenever more than one process trains.
+
+    Under ``torchrun``/``srun`` the processes exist already and Lightning's cluster
+    environment joins them. Several devices from a plain ``kedro run`` (one machine) use
+    spawned workers instead: Lightning's default DDP launcher re-executes the whole
+    command line once per rank, which would rerun the Kedro session in every rank.
+    """
     if cfg.strategy != "auto":
         return cfg.strategy
-    devices = _devices(cfg.devices)
-    many = cfg.num_nodes > 1 or (isinstance(devices, int) and devices > 1)
-    if many and "LOCAL_RANK" not in os.environ:
-        from lightning.pytorch.strategies import DDPStrategy
+    devices, nodes = placement(cfg)
+    if world_size(cfg) == 1:
+        return "auto"
+    from lightning.pytorch.strategies import DDPStrategy
 
-        backend = "nccl" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "gloo"
-        return DDPStrategy(start_method="spawn", process_group_backend=backend)
-    return "auto"
+    backend = "nccl" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "gloo"
+    timeout = timedelta(seconds=cfg.collective_timeout_s)
+    if launched() is not None:
+        return DDPStrategy(process_group_backend=backend, timeout=timeout)
+    return DDPStrategy(start_method="spawn", process_group_backend=backend, timeout=timeout)
 
 
 @dataclass
@@ -99,28 +126,41 @@ class PretrainResult:
 
 
 def world_size(cfg: PretrainConfig) -> int:
-    """Processes taking part: nodes times devices per node (1 for ``devices: auto``)."""
-    return cfg.num_nodes * (int(cfg.devices) if cfg.devices.isdigit() else 1)
+    """Processes taking part: the launcher's world size under ``torchrun``/``srun``, else
+    nodes times devices per node (1 for ``devices: auto``)."""
+    devices, nodes = placement(cfg)
+    return nodes * (devices if isinstance(devices, int) else 1)
 
 
 def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader:
-    """Batches of ``batch_size / world size`` pairs per device, reshuffled each epoch."""
-    per_device = max(1, cfg.batch_size // world_size(cfg))
+    """Batches of ``batch_size / world size`` pairs per process, reshuffled each epoch.
+
+    ``pretrain.batch_size`` is the global batch whatever the world size, so the learning
+    rate (scaled by it) and the steps per epoch stay those of one process, and the
+    global batches are those of one process too (:class:`SharedShuffle`).
+    """
+    world = world_size(cfg)
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"pretrain.batch_size={cfg.batch_size} (the global batch) does not split evenly over "
+            f"{world} processes (nodes x devices); choose a multiple of {world}"
+        )
+    size = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
         dataset,
-        batch_size=per_device,
-        shuffle=True,
-        drop_last=len(dataset) >= per_device,  # type: ignore[arg-type]
+        batch_size=cfg.batch_size // world,
+        sampler=SharedShuffle(size, cfg.batch_size, cfg.seed),
+        drop_last=size >= cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=False,  # set_epoch must reach the workers each epoch
         pin_memory=torch.cuda.is_available(),
     )
 
 
-def steps_per_epoch(loader: DataLoader, cfg: PretrainConfig) -> int:
-    """Optimiser steps per epoch on each rank (the sampler splits the loader over ranks)."""
-    world = world_size(cfg)
-    steps = len(loader) // world if world > 1 else len(loader)
+def steps_per_epoch(dataset: Dataset, cfg: PretrainConfig) -> int:
+    """Optimiser steps per epoch (the same on every rank and for any world size)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    steps = max(1, size // cfg.batch_size)
     return max(1, min(steps, cfg.max_steps_per_epoch or steps))
 
 
@@ -174,11 +214,13 @@ def make_trainer(
     cfg: PretrainConfig, steps: int, callbacks: list[Callback], logger: Logger | bool
 ) -> L.Trainer:
     """The Lightning trainer for ``cfg``: devices, strategy, precision, epochs."""
+    devices, nodes = placement(cfg)
     return L.Trainer(
         accelerator=cfg.accelerator,
-        devices=_devices(cfg.devices),
-        num_nodes=cfg.num_nodes,
+        devices=devices,
+        num_nodes=nodes,
         strategy=_strategy(cfg),
+        use_distributed_sampler=False,  # the loader's SharedShuffle splits the data over ranks
         precision=resolve_precision(cfg),  # type: ignore[arg-type]
         max_epochs=cfg.epochs,
         limit_train_batches=steps,
@@ -203,7 +245,12 @@ def fit(trainer: L.Trainer, module: PretrainModule, loader: DataLoader, resume: 
     """
     start = time.perf_counter()
     try:
-        trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
+        with warnings.catch_warnings():
+            # Every logged value is already the same on every rank (the losses are computed
+            # on the batch gathered from all ranks, the monitor on the same slice), so the
+            # extra all-reduce per value that Lightning recommends would change nothing.
+            warnings.filterwarnings("ignore", message=r".*recommended to use `self\.log\(.*sync_dist=True")
+            trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
     except SystemExit as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, SIGTERMException) else "interrupted (Ctrl-C)"
         folder = Path(module.cfg.checkpoint_dir)
@@ -251,14 +298,15 @@ def pretrain(
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = Path(cfg.checkpoint_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if is_writer():  # under a launcher the other ranks only read (see README "Many GPUs")
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     # A checkpoint that is not resumed stays until this run's first epoch replaces it, so
     # a run that fails early (bad lr, Ctrl-C) loses none of the earlier results.
     found = resume_checkpoint(cfg, identity)
     resume, resumed_epoch = found if found else (None, None)
 
     loader = make_loader(train_dataset, cfg)
-    steps = steps_per_epoch(loader, cfg)
+    steps = steps_per_epoch(train_dataset, cfg)
     module = PretrainModule(cfg, in_channels, mean, std, steps, identity)
     history = History()
     monitor = None
