@@ -49,18 +49,18 @@ BUDGETS = {
 }
 
 
-def export_project(destination: Path) -> str:
-    """Export the committed tree (``git archive HEAD``) to ``destination``; return the commit.
+def export_project(destination: Path, revision: str = "HEAD") -> str:
+    """Export a committed tree (``git archive REVISION``) to ``destination``; return the commit.
 
     The runs use what is committed, not the working tree, so a table always names the code
     and parameters that produced it: an uncommitted edit (for example a parameter file left
     behind by ``dvc exp run`` in the workspace) can no longer slip into the figures unseen.
     """
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "rev-parse", "--short", revision], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
     destination.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
     # Compare bytes, not git's stat cache: an edit that kept size and mtime escapes it.
     changed = [
@@ -74,7 +74,10 @@ def export_project(destination: Path) -> str:
         )
     ]
     if changed:
-        print(f"note: {', '.join(changed)} differ from HEAD; the runs use HEAD ({commit})", flush=True)
+        print(
+            f"note: {', '.join(changed)} differ from the working tree; the runs use {revision} ({commit})",
+            flush=True,
+        )
     return commit
 
 
@@ -173,6 +176,12 @@ def main() -> int:
     )
     parser.add_argument("--env", help="Kedro configuration environment for every run (e.g. fashion_mnist)")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value parameters for every run")
+    parser.add_argument(
+        "--commit",
+        default="HEAD",
+        help="the commit to export and run (default HEAD): several invocations that add rows "
+        "to one table with --reuse can share one commit while work goes on",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", help="output file stem (default compare_<data>[_<budget>])")
     parser.add_argument(
@@ -185,7 +194,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="imsvd-compare-"))
     project = work / "project"
-    commit = export_project(project)
+    commit = export_project(project, args.commit)
     check_imports(project)
     if args.budget == "env" and not args.env:
         parser.error("--budget env needs --env")
