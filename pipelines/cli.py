@@ -55,14 +55,18 @@ def _check_launch(launch: Launch, kwargs: dict[str, Any]) -> None:
             f"--pipeline={LAUNCHABLE} is launched on many processes; run `kedro run "
             "--pipelines=validate,augment` once before the launch and `kedro run --pipeline=evaluate` after it"
         )
-    narrowing = [
-        k
-        for k in ("node_names", "from_nodes", "to_nodes", "from_inputs", "to_outputs", "tags")
-        if kwargs.get(k)
-    ]
+    options = {
+        "node_names": "--nodes",
+        "from_nodes": "--from-nodes",
+        "to_nodes": "--to-nodes",
+        "from_inputs": "--from-inputs",
+        "to_outputs": "--to-outputs",
+        "tags": "--tags",
+    }
+    narrowing = [option for key, option in options.items() if kwargs.get(key)]
     if narrowing:
         raise ConfigError(
-            f"--{narrowing[0].replace('_', '-')} cannot be combined with a launch: every rank must run the same node"
+            f"{narrowing[0]} cannot be combined with a launch: every rank must run the same, whole pretrain pipeline"
         )
 
 

@@ -55,6 +55,10 @@ def test_labelled_split_gets_every_protocol_and_baseline(digits):
         "code_knn_top1",
         "effective_rank",
         "mean_abs_offdiag_correlation",
+        "backbone_mean_abs_offdiag_correlation",
+        "backbone_effective_rank",
+        "code_mean_abs_offblock_correlation",
+        "code_effective_rank",
         "bin_entropy",
         "dead_bin_share",
         "off_block_mutual_information",
@@ -66,6 +70,8 @@ def test_labelled_split_gets_every_protocol_and_baseline(digits):
     assert metrics["labelled"] == 1
     assert metrics["code_bits"] == 4 * 4  # 64 / 16 blocks x log2(16) bits
     assert metrics["bytes_per_embedding"] == metrics["feature_dim"] * 4
+    assert 1 <= metrics["backbone_effective_rank"] <= metrics["feature_dim"]
+    assert 0 <= metrics["code_mean_abs_offblock_correlation"] <= 1
     assert 50 < metrics["knn_top1_raw_pixels"] <= 100  # real digits
     assert all(0 <= metrics[k] <= 100 for k in metrics if k.startswith(("knn", "linear")))
 

@@ -253,11 +253,15 @@ def test_only_pretrain_is_launched(finished, tmp_path):
     project = copy_of(finished, tmp_path / "project")
     before = snapshot(project / "data")
     env = kedro_env(project)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "imsvd_pipelines", "run", "--pipeline=evaluate"]
-    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "--pipeline=evaluate under torchrun (2 processes)" in result.stdout + result.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    for args, message in (
+        (["--pipeline=evaluate"], "--pipeline=evaluate under torchrun (2 processes)"),
+        (["--pipeline=pretrain", "--tags=x"], "--tags cannot be combined with a launch"),
+    ):
+        command = [*launcher, "-m", "imsvd_pipelines", "run", *args]
+        result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        assert message in result.stdout + result.stderr
     assert snapshot(project / "data") == before
     assert mlflow_runs(project) == []
 

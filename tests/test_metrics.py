@@ -132,6 +132,25 @@ def test_off_diagonal_correlation_independent_and_duplicated():
     assert ev.mean_abs_off_diagonal_correlation(dup) == pytest.approx(1.0)
 
 
+def test_off_block_correlation_leaves_out_pairs_inside_a_block():
+    """Soft codes: units of one block sum to 1 (anticorrelated by construction); only
+    pairs from different blocks say whether two variables are redundant."""
+    rng = np.random.default_rng(3)
+
+    def block(n: int) -> np.ndarray:  # one-hot codes of a uniform 4-state variable
+        return np.eye(4)[rng.integers(0, 4, n)]
+
+    first, second = block(5000), block(5000)
+    independent = np.concatenate([first, second], axis=1)
+    assert ev.mean_abs_off_diagonal_correlation(independent) > 0.1  # within-block pairs
+    assert ev.mean_abs_off_diagonal_correlation(independent, block=4) < 0.03
+    copied = np.concatenate([first, first], axis=1)  # the second variable repeats the first
+    # Across the two blocks: 4 pairs of identical units (|corr| 1), 12 pairs at -1/3.
+    assert ev.mean_abs_off_diagonal_correlation(copied, block=4) == pytest.approx((4 + 12 / 3) / 16, abs=0.02)
+    with pytest.raises(DataError, match="2 blocks of 4"):
+        ev.mean_abs_off_diagonal_correlation(first, block=4)
+
+
 def test_effective_rank_isotropic_and_rank_one():
     rng = np.random.default_rng(8)
     assert ev.effective_rank(rng.normal(size=(20000, 16))) == pytest.approx(16, rel=0.02)

@@ -121,9 +121,12 @@ def downstream(
 
 
 def shape_metrics(emb: Embeddings) -> dict[str, Any]:
-    """Sizes, inference speed and redundancy of the projector outputs."""
+    """Sizes, inference speed, and redundancy of the projector outputs and of the backbone
+    features (what downstream tasks use) on the test split."""
     z = emb.test.projector
     rank = effective_rank(z)
+    features = emb.test.backbone
+    backbone_rank = effective_rank(features)
     return {
         "images_train": len(emb.train_labels),
         "images_test": len(emb.test_labels),
@@ -134,11 +137,18 @@ def shape_metrics(emb: Embeddings) -> dict[str, Any]:
         "mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(z),
         "effective_rank": rank,
         "effective_rank_ratio": rank / z.shape[1],
+        "backbone_mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(features),
+        "backbone_effective_rank": backbone_rank,
+        "backbone_effective_rank_ratio": backbone_rank / features.shape[1],
     }
 
 
 def code_metrics(emb: Embeddings, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, float]]:
     """IMSVD's soft codes of the test split: bin usage, redundancy between blocks, size.
+
+    The softmax ignores a shift of a block's logits, so the projector outputs' correlation
+    and rank can mislead about IMSVD's variables; the codes' own are reported here (the
+    correlation between units of different blocks, and the codes' effective rank).
 
     Returns:
         (metrics, bin usage) for the collapse check.
@@ -156,6 +166,12 @@ def code_metrics(emb: Embeddings, cfg: EvaluateConfig) -> tuple[dict[str, Any], 
             joint_distribution(flat, flat).numpy(), section.bin_size, seed=cfg.seed
         ),
         "code_bits": code_bits(z.shape[1] // section.bin_size, section.bin_size),
+        "code_mean_abs_offblock_correlation": (
+            mean_abs_off_diagonal_correlation(flat, block=section.bin_size)
+            if z.shape[1] // section.bin_size >= 2
+            else float("nan")  # one variable: no pair of blocks
+        ),
+        "code_effective_rank": effective_rank(flat),
     }
     return out, usage
 

@@ -265,28 +265,35 @@ def linear_probe(
 # --------------------------------------------------------------------------- redundancy
 
 
-def mean_abs_off_diagonal_correlation(z: ArrayLike) -> float:
-    """Mean absolute Pearson correlation between distinct columns of ``z``.
+def mean_abs_off_diagonal_correlation(z: ArrayLike, block: int = 1) -> float:
+    """Mean absolute Pearson correlation between distinct columns of ``z`` (or, with
+    ``block``, between columns of distinct blocks).
 
     0 for decorrelated features, 1 when every column is a copy (up to sign and scale) of
     one other. A constant column has no defined correlation; it counts as 0.
 
     Args:
         z: (N, D) features (for example the projector output), N >= 2, D >= 2.
+        block: columns come in blocks of this many consecutive units, and pairs inside
+            one block are left out. For IMSVD's soft codes (``block = bin_size``): the
+            units of one block sum to 1, so they are anticorrelated by construction and
+            say nothing about redundancy between variables.
 
     Returns:
-        The mean of ``|corr[i, j]|`` over the D(D-1) pairs i != j.
+        The mean of ``|corr[i, j]|`` over the pairs of columns in different blocks.
     """
     x = _as_float(z, "z", 2).double()
     n, d = x.shape
     if n < 2 or d < 2:
         raise DataError(f"correlation needs at least 2 samples and 2 columns, got shape {(n, d)}")
+    if block < 1 or d % block or d // block < 2:
+        raise DataError(f"{d} columns do not make at least 2 blocks of {block}")
     x = x - x.mean(0)
     std = x.norm(dim=0)
     x = x / torch.where(std > 0, std, torch.ones_like(std))
     corr = x.T @ x
-    off = corr.abs().sum() - corr.diagonal().abs().sum()
-    return float(off / (d * (d - 1)))
+    owner = torch.arange(d) // block
+    return float(corr.abs()[owner[:, None] != owner[None, :]].mean())
 
 
 def effective_rank(z: ArrayLike, eps: float = RANKME_EPS) -> float:
