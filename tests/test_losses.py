@@ -406,3 +406,18 @@ def test_loss_for_method(method: str, result_type: type) -> None:
         "simclr": lambda: simclr_loss(z1, z2, 0.2),
     }[method]()
     torch.testing.assert_close(result.total, expected.total)
+
+
+@pytest.mark.parametrize("method", ["imsvd", "barlow_twins", "vicreg", "simclr"])
+def test_every_loss_is_float32_under_bf16_autocast(method: str) -> None:
+    """Training autocasts to bf16 (CPU with native bf16, most GPUs): the loss must still be
+    computed in float32, matmuls included, and equal the float32 loss."""
+    cfg = PretrainConfig(method=method, projector="64-64")
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(128, 64, generator=gen), torch.randn(128, 64, generator=gen)
+    reference = loss_for_method(cfg)(z1, z2)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = loss_for_method(cfg)(z1, z2)
+    for name, value in mixed._asdict().items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, getattr(reference, name), rtol=1e-6, atol=1e-6, msg=name)

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -381,11 +381,29 @@ class BarlowTwinsLoss(NamedTuple):
     off_diagonal: Tensor
 
 
+LossFn = TypeVar("LossFn", bound=Callable[..., NamedTuple])
+
+
+def _outside_autocast(loss: LossFn) -> LossFn:
+    """Run a loss with autocast off, so it is computed in float32 whatever the training
+    precision. Upcasting the embeddings alone is not enough: under bf16/fp16 autocast
+    every matmul inside (a cross-correlation, a covariance, a similarity matrix) would
+    be cast back to half precision (``imsvd_loss`` turns autocast off itself)."""
+
+    @functools.wraps(loss)
+    def wrapped(z1: Tensor, *args: Any, **kwargs: Any) -> NamedTuple:
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            return loss(z1, *args, **kwargs)
+
+    return cast(LossFn, wrapped)
+
+
 def _standardize(z: Tensor) -> Tensor:
     """Zero-mean, unit-(biased)-std columns over the batch: (N, D) -> (N, D)."""
     return (z - z.mean(dim=0)) / z.std(dim=0, unbiased=False)
 
 
+@_outside_autocast
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambda_offdiag: float = 5e-3) -> BarlowTwinsLoss:
     """Barlow Twins loss (Zbontar et al., 2021).
 
@@ -458,6 +476,7 @@ def covariance_term(z: Tensor) -> Tensor:
     return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / dim
 
 
+@_outside_autocast
 def vicreg_loss(
     z1: Tensor,
     z2: Tensor,
@@ -507,6 +526,7 @@ class SimCLRLoss(NamedTuple):
     total: Tensor
 
 
+@_outside_autocast
 def simclr_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> SimCLRLoss:
     """NT-Xent loss of SimCLR (Chen et al., 2020) over the 2N samples of both views.
 
