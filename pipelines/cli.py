@@ -80,6 +80,12 @@ def train_only(kwargs: dict[str, Any]) -> None:
     from kedro.framework.project import pipelines
     from kedro.framework.session import KedroSession
 
+    # Console only: the launcher collects every rank's console, and N processes appending
+    # to (and rotating) rank 0's info.log on shared storage would garble it.
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
     with KedroSession.create(
         env=kwargs.get("env"), conf_source=kwargs.get("conf_source"), runtime_params=kwargs.get("params")
     ) as session:

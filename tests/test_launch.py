@@ -106,6 +106,11 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def log_file(project: Path) -> bytes | None:
+    path = project / "info.log"
+    return path.read_bytes() if path.is_file() else None
+
+
 def mlflow_runs(project: Path) -> list[tuple[str, str]]:
     import mlflow
 
@@ -183,6 +188,7 @@ def test_two_nodes_train_as_one_process_and_one_node_writes(finished, single, tm
     projects = (copy_of(finished, tmp_path / "node-a"), copy_of(finished, tmp_path / "node-b"))
     before = {p: snapshot(p / "data") for p in projects}
     store = {p: (p / "mlflow.db").read_bytes() for p in projects}
+    logs = {p: log_file(p) for p in projects}
     params = tiny_params(**PARAMS, pretrain__checkpoint_dir=str(tmp_path / "shared-ckpt"))
     outputs = [finish(node) for node in two_nodes(projects, params)]
 
@@ -192,6 +198,7 @@ def test_two_nodes_train_as_one_process_and_one_node_writes(finished, single, tm
     # The other node read the views and the validated images, and wrote nothing.
     assert snapshot(other / "data") == before[other]
     assert (other / "mlflow.db").read_bytes() == store[other]
+    assert log_file(other) == logs[other]  # its log went to its console
     # The writer wrote the pretrain outputs, and the checkpoints went to the shared folder.
     changed = {k for k, v in snapshot(writer / "data").items() if before[writer].get(k) != v}
     assert {
