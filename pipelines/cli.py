@@ -70,6 +70,16 @@ def _check_launch(launch: Launch, kwargs: dict[str, Any]) -> None:
         )
 
 
+def console_only() -> None:
+    """Drop the file handlers (``info.log``) of this process's logging: the launcher
+    collects every rank's console, and N processes appending to (and rotating) rank 0's
+    log file on shared storage would garble it."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def train_only(kwargs: dict[str, Any]) -> None:
     """A non-zero rank: the pretrain node's function on the catalog's inputs, nothing saved.
 
@@ -80,12 +90,6 @@ def train_only(kwargs: dict[str, Any]) -> None:
     from kedro.framework.project import pipelines
     from kedro.framework.session import KedroSession
 
-    # Console only: the launcher collects every rank's console, and N processes appending
-    # to (and rotating) rank 0's info.log on shared storage would garble it.
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-        root.removeHandler(handler)
-        handler.close()
     with KedroSession.create(
         env=kwargs.get("env"), conf_source=kwargs.get("conf_source"), runtime_params=kwargs.get("params")
     ) as session:
@@ -101,6 +105,7 @@ def _run(**kwargs: Any) -> None:
         if launch is not None and launch.world_size > 1:
             _check_launch(launch, kwargs)
             if launch.global_rank != 0:
+                console_only()
                 log.info(
                     "rank %d of %d: training only; rank 0 writes the outputs",
                     launch.global_rank,
