@@ -73,12 +73,14 @@ def placement(cfg: PretrainConfig) -> tuple[int | str, int]:
 
     Under ``torchrun`` or ``srun`` they come from the launcher (``pretrain.devices: auto``
     and ``pretrain.num_nodes: 1`` follow it; other values must agree with it); otherwise
-    from the parameters.
+    from the parameters, where ``auto`` is one device: Lightning's own ``auto`` takes every
+    GPU and re-executes the command line once per rank, which would rerun the whole Kedro
+    session in each (several devices without a launcher: ``pretrain.devices=N``).
     """
     devices: int | str = int(cfg.devices) if cfg.devices.isdigit() else cfg.devices
     launch = launched()
     if launch is None:
-        return devices, cfg.num_nodes
+        return (1 if devices == "auto" else devices), cfg.num_nodes
     if devices not in ("auto", launch.local_world_size):
         raise ConfigError(
             f"pretrain.devices={cfg.devices} but {launch.launcher} started {launch.local_world_size} "
@@ -102,7 +104,6 @@ def _strategy(cfg: PretrainConfig) -> Any:
     """
     if cfg.strategy != "auto":
         return cfg.strategy
-    devices, nodes = placement(cfg)
     if world_size(cfg) == 1:
         return "auto"
     from lightning.pytorch.strategies import DDPStrategy
