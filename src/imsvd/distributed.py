@@ -71,9 +71,13 @@ def launched() -> Launch | None:
 
 def is_writer() -> bool:
     """True in the one process that writes outputs, checkpoints and the MLflow run:
-    global rank 0 of a launch, or the only process."""
+    global rank 0 of a launch, or the only process. A process that Lightning's own DDP
+    launcher started (``pretrain.strategy=ddp`` without torchrun: it sets ``LOCAL_RANK``
+    and ``NODE_RANK``) is no writer either unless both are 0."""
     launch = launched()
-    return launch is None or launch.global_rank == 0
+    if launch is not None:
+        return launch.global_rank == 0
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK"))
 
 
 class SharedShuffle(Sampler[int]):
