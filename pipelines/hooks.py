@@ -9,6 +9,7 @@ pins narrower Kedro/MLflow ranges and opens its run in a way Lightning cannot re
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import math
@@ -107,6 +108,7 @@ class MlflowTrackingHook:
         self._active = False
         self._revision = "unknown"
         self._tagged: str | None = None  # the data fingerprint already tagged in this run
+        self._guarded = False  # the exit handler is registered
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -136,6 +138,12 @@ class MlflowTrackingHook:
             mlflow.end_run()
         run = mlflow.start_run(run_name=f"kedro-{name}")
         self._active = True
+        if not self._guarded:
+            # Kedro calls on_pipeline_error for an Exception only: a Ctrl-C outside training
+            # (KeyboardInterrupt) or a SystemExit skips it, and MLflow's own exit handler
+            # would then end the run FINISHED. Registered after MLflow's, so it runs first.
+            atexit.register(self._end, "KILLED")
+            self._guarded = True
         self._tagged = None
         # Read once per run: `git` subprocesses on every dataset load would cost more than the load.
         self._revision = git_revision(self._project_path)

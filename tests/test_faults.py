@@ -236,6 +236,7 @@ def test_sigint_saves_interrupted_checkpoint_and_rerun_resumes(finished, tmp_pat
     run.process.send_signal(signal.SIGINT)  # Ctrl-C reaches the kedro process itself
     code = run.wait()
     assert code != 0, run.output[-3000:]
+    assert "stopping after this step" in run.output  # the first Ctrl-C lets the step finish
     assert "interrupted at step" in run.output
 
     interrupted = checkpoint(project / CHECKPOINTS / "interrupted.ckpt")
@@ -243,11 +244,26 @@ def test_sigint_saves_interrupted_checkpoint_and_rerun_resumes(finished, tmp_pat
     assert digest(project / CHECKPOINTS / "last.ckpt") == before  # intact, still epoch 1
     assert checkpoint(project / CHECKPOINTS / "last.ckpt")["global_step"] == SIGINT_STEPS
     assert not (project / ENCODER).exists() or digest(project / ENCODER) == digest(finished.path / ENCODER)
-    assert [r.info.status for r in mlflow_runs(project)] != ["RUNNING"]
+    assert [r.info.status for r in mlflow_runs(project)] == ["FAILED"]
 
     rerun = kedro(project, *args)
     assert "at epoch 1" in rerun.stdout + rerun.stderr and "resuming from" in rerun.stdout + rerun.stderr
     assert checkpoint(project / CHECKPOINTS / "last.ckpt")["global_step"] == 2 * SIGINT_STEPS
+
+
+def test_ctrl_c_outside_training_ends_the_mlflow_run_killed(finished, tmp_path):
+    """Kedro's error hooks see an Exception only; a Ctrl-C elsewhere than in training is a
+    KeyboardInterrupt, and MLflow's exit handler alone would record the run as FINISHED."""
+    project = copy_of(finished, tmp_path / "project")
+    earlier = {r.info.run_id for r in mlflow_runs(project)}
+    run = KedroProcess(project, "run", "--pipeline=evaluate", "--params", tiny_params())
+    run.wait_for("extracting features of")
+    run.process.send_signal(signal.SIGINT)
+    assert run.wait() != 0, run.output[-3000:]
+    assert "Aborted!" in run.output  # click's word for a KeyboardInterrupt
+    new = [r for r in mlflow_runs(project) if r.info.run_id not in earlier]
+    assert [r.info.status for r in new] == ["KILLED"], run.output[-3000:]
+    load_every_output(project)
 
 
 # --------------------------------------------------------------------------- 3: kill at any time

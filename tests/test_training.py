@@ -6,8 +6,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import pickle
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -352,3 +356,28 @@ def test_online_knn_monitor_reports_on_training_images_at_its_interval(pairs, di
         RunIdentity.of(cfg, AugmentConfig(), "digits-fp"), monitor_data=MonitorData(digits, labels, 8),
     )  # fmt: skip
     assert "monitor_knn_top1" not in off.history.columns
+
+
+def test_the_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once():
+    """Real SIGINTs to this process: the first only sets the request, which the next step's
+    start turns into Lightning's KeyboardInterrupt; the second raises where it lands."""
+    from imsvd.training.callbacks import SaveOnInterrupt
+
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)  # what `kedro run` has
+    callback = SaveOnInterrupt(Path("unused"))
+    trainer: Any = None
+    try:
+        callback.on_fit_start(trainer, trainer)
+        callback.on_train_batch_start(trainer, trainer, None, 0)  # nothing asked yet
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert callback.requested
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_train_batch_start(trainer, trainer, None, 1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        callback.teardown(trainer, trainer, "fit")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, original)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -82,14 +84,53 @@ class SaveOnInterrupt(Callback):
 
     ``last.ckpt`` stays the last complete epoch, which a rerun resumes from, so a resumed
     run makes exactly as many optimiser steps as an uninterrupted one.
+
+    The first Ctrl-C only asks to stop: the step under way finishes and the stop happens
+    before the next one, where Lightning itself acts on SIGTERM. Python's own Ctrl-C raises
+    wherever the main thread happens to be, and landing inside a write to MLflow's SQLite
+    store it could leave that store's connection unusable, so that the run could no longer be
+    marked FAILED. A second Ctrl-C stops at once, for a step that hangs.
     """
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / INTERRUPTED
+        self.requested = False
+        self._previous: Any = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second Ctrl-C
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this step (press Ctrl-C again to stop at once)")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.requested = False
+        # Only Python's default handler is replaced: an ignored SIGINT (a background job) or
+        # the handler of a program that embeds the run stays as it is.
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # Lightning's Ctrl-C path: on_exception, teardown, exit 1
+
+    def _restore(self) -> None:
+        # Only while ours is still installed: on Ctrl-C Lightning ignores SIGINT for its
+        # shutdown, and that is left to it.
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        self._restore()
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.is_global_zero:
             trainer.save_checkpoint(self.path)
             log.warning(
@@ -98,6 +139,13 @@ class SaveOnInterrupt(Callback):
                 trainer.current_epoch,
                 self.path,
             )
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the whole process group,
+    and a worker that took it would exit, turning the graceful stop above into a
+    "worker exited unexpectedly" error. The main process stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PlainProgress(Callback):

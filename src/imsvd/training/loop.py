@@ -29,7 +29,14 @@ from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
 from imsvd.distributed import SharedShuffle, SyncBatchNormPlugin, is_writer, launched
 from imsvd.errors import ConfigError, TrainingError
-from imsvd.training.callbacks import History, OnlineKNN, PlainProgress, SaveOnInterrupt, SetEpoch
+from imsvd.training.callbacks import (
+    History,
+    OnlineKNN,
+    PlainProgress,
+    SaveOnInterrupt,
+    SetEpoch,
+    ignore_interrupts,
+)
 from imsvd.training.module import PretrainModule
 from imsvd.training.resume import INTERRUPTED, LAST, AtomicCheckpointIO, RunIdentity, resume_checkpoint
 
@@ -154,6 +161,7 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader:
         drop_last=size >= cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=False,  # set_epoch must reach the workers each epoch
+        worker_init_fn=ignore_interrupts if cfg.num_workers else None,
         pin_memory=torch.cuda.is_available(),
     )
 
