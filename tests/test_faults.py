@@ -42,7 +42,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 CHECKPOINTS = Path("data/06_models/checkpoints")
 ENCODER = Path("data/06_models/encoder.pt")
 IMAGES = Path("data/03_primary/images.npz")
-CATALOG = yaml.safe_load((REPO / "conf/base/catalog.yml").read_text())
+# The catalog's file datasets (the in-memory ones hold no output on disk).
+CATALOG = {
+    name: entry
+    for name, entry in yaml.safe_load((REPO / "conf/base/catalog.yml").read_text()).items()
+    if "filepath" in entry.get("dataset", entry)
+}
 
 
 def file_entry(entry: dict) -> dict:

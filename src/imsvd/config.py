@@ -426,6 +426,10 @@ class EvaluateConfig:
     linear_epochs: int = 200
     linear_lr: float = 0.1
     linear_weight_decay: float = 1e-4
+    linear_batch_size: int = 4096
+    linear_minibatch_epochs: int = 30
+    memory_budget_mb: float = 1024.0
+    scratch_dir: str | None = None
     batch_size: int = 256
     matrix_blocks: int = 4
     attribution_units: int = 6
@@ -437,6 +441,9 @@ class EvaluateConfig:
         _check(self.knn_k >= 1, "evaluate.knn_k", "must be at least 1")
         _check(self.knn_temperature > 0, "evaluate.knn_temperature", "must be positive")
         _check(self.linear_epochs >= 1, "evaluate.linear_epochs", "must be at least 1")
+        _check(self.linear_batch_size >= 1, "evaluate.linear_batch_size", "must be at least 1")
+        _check(self.linear_minibatch_epochs >= 1, "evaluate.linear_minibatch_epochs", "must be at least 1")
+        _check(self.memory_budget_mb > 0, "evaluate.memory_budget_mb", "must be positive")
         _check(self.matrix_blocks >= 1, "evaluate.matrix_blocks", "must be at least 1")
 
 

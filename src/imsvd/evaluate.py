@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,9 +72,19 @@ def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig)
     random_encoder = build_encoder(pre.backbone, pre.width, pre.projector_dims, loaded.in_channels)
     train, test = data.split(TRAIN), data.split(TEST)
 
+    scratch = Path(cfg.scratch_dir) if cfg.scratch_dir else None
+
     def features(model: torch.nn.Module, split: ImageData) -> Features:
+        # Four feature sets share the budget: trained and random encoder, train and test.
         return extract_features(
-            model, split.images, loaded.image_size, loaded.mean, loaded.std, cfg.batch_size
+            model,
+            split.images,
+            loaded.image_size,
+            loaded.mean,
+            loaded.std,
+            cfg.batch_size,
+            max_in_memory_mb=cfg.memory_budget_mb / 4,
+            scratch=scratch,
         )
 
     log.info("extracting features of %d train and %d test images", len(train.images), len(test.images))
@@ -115,6 +126,9 @@ def downstream(
         lr=cfg.linear_lr,
         weight_decay=cfg.linear_weight_decay,
         seed=cfg.seed,
+        memory_budget_mb=cfg.memory_budget_mb,
+        batch_size=cfg.linear_batch_size,
+        minibatch_epochs=cfg.linear_minibatch_epochs,
     )
     out = {**_percent(knn, "knn"), **_percent(knn_l, f"knn{cfg.knn_k_lightly}"), **_percent(linear, "linear")}
     return {f"{k}{suffix}": v for k, v in out.items()}

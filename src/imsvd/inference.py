@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +30,23 @@ class Features:
     projector: np.ndarray
 
 
+def _allocate(rows: int, width: int, scratch: Path | None, name: str) -> np.ndarray:
+    """A (rows, width) float32 array: in memory, or a memory map in ``scratch``.
+
+    The map's file is unlinked once mapped: the mapping keeps its pages, their disk space
+    goes with the array's last reference, and a crash leaves no file behind.
+    """
+    if scratch is None:
+        return np.empty((rows, width), dtype=np.float32)
+    scratch.mkdir(parents=True, exist_ok=True)
+    handle, path = tempfile.mkstemp(prefix=f"imsvd-{name}-", suffix=".npy", dir=scratch)
+    os.close(handle)
+    try:
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, width))
+    finally:
+        os.unlink(path)
+
+
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
@@ -35,20 +55,33 @@ def extract_features(
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 256,
+    max_in_memory_mb: float | None = None,
+    scratch: Path | None = None,
 ) -> Features:
     """Backbone and projector outputs of the frozen encoder (eval mode) in batches.
 
     Images go through :func:`imsvd.preprocess.model_input`, the normalisation training uses.
+    Each batch is written into arrays allocated once; when both together would exceed
+    ``max_in_memory_mb`` they are memory maps on disk (in ``scratch``, the system's
+    temporary folder by default), which the kNN and the linear probe read in chunks.
     """
     encoder.eval()
     device = next(encoder.parameters()).device
-    backbone, projector = [], []
-    for start in range(0, len(images), batch_size):
+    n = len(images)
+    backbone = projector = np.zeros((0, 0), dtype=np.float32)
+    for start in range(0, n, batch_size):
         x = model_input(images[start : start + batch_size], size, mean, std).to(device)
         h, z = encoder(x)
-        backbone.append(h.float().cpu().numpy())
-        projector.append(z.float().cpu().numpy())
-    return Features(np.concatenate(backbone), np.concatenate(projector))
+        if start == 0:
+            on_disk = (
+                max_in_memory_mb is not None and n * (h.shape[1] + z.shape[1]) * 4 > max_in_memory_mb * 2**20
+            )
+            folder = (scratch or Path(tempfile.gettempdir())) if on_disk else None
+            backbone = _allocate(n, h.shape[1], folder, "backbone")
+            projector = _allocate(n, z.shape[1], folder, "projector")
+        backbone[start : start + len(h)] = h.float().cpu().numpy()
+        projector[start : start + len(z)] = z.float().cpu().numpy()
+    return Features(backbone, projector)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ RANKME_EPS = 1e-7
 
 def _as_float(x: ArrayLike, name: str, ndim: int) -> torch.Tensor:
     """``x`` as a detached float32 CPU tensor of ``ndim`` dimensions (float64 kept)."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = np.array(x)  # a read-only memory map's rows: torch cannot share read-only memory
     t = torch.as_tensor(x).detach().cpu()
     if t.ndim != ndim:
         raise DataError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
@@ -60,25 +62,58 @@ def _as_labels(y: ArrayLike, name: str, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- kNN
 
 
-def _weighted_vote(
-    similarity: torch.Tensor, train_labels: torch.Tensor, k: int, temperature: float, num_classes: int
+def _vote(
+    top_sim: torch.Tensor,
+    top_idx: torch.Tensor,
+    train_labels: torch.Tensor,
+    temperature: float,
+    num_classes: int,
 ) -> torch.Tensor:
-    """Class scores of a weighted vote among the ``k`` most similar training samples.
-
-    Args:
-        similarity: (M, N_train) similarity of each test row to each training row.
-        train_labels: (N_train,) int64 class indices.
-        k: neighbours (already clipped to N_train).
-        temperature: each neighbour votes ``exp(similarity / temperature)``.
-        num_classes: C.
-
-    Returns:
-        (M, C) summed votes per class.
-    """
-    top_sim, top_idx = similarity.topk(k, dim=1)
+    """(M, C) class scores: each of a row's neighbours (``top_idx``, with similarities
+    ``top_sim``, both (M, k)) votes ``exp(similarity / temperature)`` for its class."""
     weights = (top_sim / temperature).exp()
-    scores = torch.zeros(similarity.shape[0], num_classes, dtype=weights.dtype)
+    scores = torch.zeros(top_sim.shape[0], num_classes, dtype=weights.dtype)
     return scores.scatter_add_(1, train_labels[top_idx], weights)
+
+
+def _streamed_vote(
+    queries: Iterable[torch.Tensor],
+    n_train: int,
+    train_block: Callable[[int], torch.Tensor],
+    train_chunk_size: int,
+    labels: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+) -> torch.Tensor:
+    """Class scores of each query chunk's ``k`` most similar training rows, visiting the
+    training set ``train_chunk_size`` rows at a time with a running top-k.
+
+    ``train_block(start)`` gives the prepared training rows from ``start`` (normalised
+    features, one-hot codes); ``query @ block.T`` is the similarity. A training set of one
+    block is prepared once and kept.
+    """
+    starts = range(0, n_train, train_chunk_size)
+    kept = train_block(0) if len(starts) == 1 else None
+    chunks = []
+    for query in queries:
+        best_sim = torch.empty(query.shape[0], 0, dtype=query.dtype)
+        best_idx = torch.empty(query.shape[0], 0, dtype=torch.long)
+        for start in starts:
+            block = kept if kept is not None else train_block(start)
+            sim, idx = (query @ block.T).topk(min(k, block.shape[0]), dim=1)
+            merged = torch.cat([best_sim, sim], dim=1)
+            best_sim, order = merged.topk(min(k, merged.shape[1]), dim=1)
+            best_idx = torch.cat([best_idx, idx + start], dim=1).gather(1, order)
+        chunks.append(_vote(best_sim, best_idx, labels, temperature, num_classes))
+    return torch.cat(chunks) if chunks else torch.zeros(0, num_classes)
+
+
+def _rows(x: ArrayLike, name: str) -> tuple[int, int]:
+    """(rows, columns) of a 2-d array without reading it (a memory map stays on disk)."""
+    if len(x.shape) != 2:
+        raise DataError(f"{name} must have 2 dimensions, got shape {tuple(x.shape)}")
+    return int(x.shape[0]), int(x.shape[1])
 
 
 def knn_scores(
@@ -89,14 +124,18 @@ def knn_scores(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    train_chunk_size: int = 65_536,
 ) -> torch.Tensor:
     """Class scores of the weighted cosine kNN classifier (Wu et al. 2018).
 
     Each test sample takes its ``k`` nearest training samples by cosine similarity; each
     neighbour votes for its class with weight ``exp(sim / temperature)``. The reference
     protocol of InstDisc/IMSVD is k=20, T=0.07; lightly's benchmarks use k=200, T=0.1.
-    Test rows are processed ``chunk_size`` at a time, so memory is
-    O(chunk_size * N_train) whatever the test set size.
+
+    Both sides are read in chunks, so the features may be memory maps larger than memory:
+    ``chunk_size`` test rows against ``train_chunk_size`` training rows at a time, keeping a
+    running top-k per test row. Memory is O(chunk_size * train_chunk_size) plus one chunk
+    of each; a training set of one chunk is normalised once and kept.
 
     Args:
         train_features: (N_train, F) frozen features of the labelled training set.
@@ -106,33 +145,41 @@ def knn_scores(
         temperature: vote temperature (> 0).
         num_classes: C; by default ``max(train_labels) + 1``.
         chunk_size: test rows per similarity block.
+        train_chunk_size: training rows per similarity block.
 
     Returns:
         (M, C) float tensor of summed votes (higher is more likely).
 
     Raises:
-        ConfigError: k, temperature or chunk_size not positive.
+        ConfigError: k, temperature or a chunk size not positive.
         DataError: shapes disagree or the training set is empty.
     """
-    train = _as_float(train_features, "train_features", 2)
-    test = _as_float(test_features, "test_features", 2)
-    labels = _as_labels(train_labels, "train_labels", train.shape[0])
-    if train.shape[0] == 0:
+    n_train, width = _rows(train_features, "train_features")
+    n_test, test_width = _rows(test_features, "test_features")
+    labels = _as_labels(train_labels, "train_labels", n_train)
+    if n_train == 0:
         raise DataError("kNN needs at least one training sample")
-    if train.shape[1] != test.shape[1]:
-        raise DataError(f"train features have {train.shape[1]} columns, test features {test.shape[1]}")
+    if width != test_width:
+        raise DataError(f"train features have {width} columns, test features {test_width}")
     check_positive(k, "k")
     check_positive(temperature, "temperature")
     check_positive(chunk_size, "chunk_size")
+    check_positive(train_chunk_size, "train_chunk_size")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    k = min(k, train.shape[0])
-    train = F.normalize(train, dim=1)
-    test = F.normalize(test.to(train.dtype), dim=1)
-    chunks = [
-        _weighted_vote(chunk @ train.T, labels, k, temperature, num_classes)
-        for chunk in test.split(chunk_size)
-    ]
-    return torch.cat(chunks) if chunks else torch.zeros(0, num_classes)
+    k = min(k, n_train)
+    dtype = _as_float(train_features[:1], "train_features", 2).dtype  # float64 kept, else float32
+
+    def train_block(start: int) -> torch.Tensor:
+        rows = train_features[start : start + train_chunk_size]
+        return F.normalize(_as_float(rows, "train_features", 2).to(dtype), dim=1)
+
+    queries = (
+        F.normalize(_as_float(test_features[i : i + chunk_size], "test_features", 2).to(dtype), dim=1)
+        for i in range(0, n_test, chunk_size)
+    )
+    return _streamed_vote(
+        queries, n_train, train_block, train_chunk_size, labels, k, temperature, num_classes
+    )
 
 
 def topk_accuracy(scores: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -185,6 +232,10 @@ def knn_accuracy(
 # --------------------------------------------------------------------------- linear probe
 
 
+#: Bytes per feature value of the full-batch probe: the float64 standardisation and its float32 result.
+FULL_BATCH_BYTES = 12
+
+
 def linear_probe(
     train_features: ArrayLike,
     train_labels: ArrayLike,
@@ -195,15 +246,22 @@ def linear_probe(
     weight_decay: float = 1e-4,
     seed: int = 0,
     ks: Sequence[int] = (1, 5),
+    memory_budget_mb: float | None = None,
+    batch_size: int = 4096,
+    minibatch_epochs: int = 30,
 ) -> dict[int, float]:
     """Test top-k accuracy of a linear classifier trained on frozen features.
 
     The features are standardised with the mean and standard deviation of the training
-    set only. A linear layer is then trained full-batch with Adam (learning rate ``lr``
-    decayed to 0 by a cosine over ``epochs`` steps, L2 ``weight_decay`` on the weights)
-    on the cross-entropy. Full batch keeps it deterministic for a seed and converges in
-    well under a second on a few thousand 512-d features; Adam makes the step size
-    insensitive to how correlated the features are.
+    set only. A linear layer is then trained with Adam (learning rate ``lr`` decayed to 0
+    by a cosine, L2 ``weight_decay`` on the weights) on the cross-entropy.
+
+    Full batch (``epochs`` steps) when the training features fit ``memory_budget_mb`` (or
+    no budget is set): deterministic for a seed, and well under a second on a few thousand
+    512-d features; Adam makes the step size insensitive to how correlated the features
+    are. Larger features, memory maps included, are read in mini-batches of
+    ``batch_size`` rows, seeded, for ``minibatch_epochs`` passes: the statistics, every
+    step and the test logits each touch one batch at a time.
 
     Args:
         train_features: (N, F) training features.
@@ -215,51 +273,95 @@ def linear_probe(
         weight_decay: L2 penalty on the weights (not the bias).
         seed: initialises the layer (a local ``torch.Generator``; global state untouched).
         ks: the k values of the reported accuracies.
+        memory_budget_mb: the most the full-batch probe may hold (``FULL_BATCH_BYTES`` per
+            training value); ``None``: no limit.
+        batch_size: rows per mini-batch step.
+        minibatch_epochs: passes over the training set in mini-batches.
 
     Returns:
         ``{k: test accuracy in [0, 1]}`` for each k in ``ks``.
 
     Raises:
-        ConfigError: epochs, lr not positive or weight_decay negative.
+        ConfigError: epochs, lr, batch_size or minibatch_epochs not positive, or
+            weight_decay negative.
         DataError: shapes disagree or the training set is empty.
     """
-    x_train = _as_float(train_features, "train_features", 2).double()
-    x_test = _as_float(test_features, "test_features", 2).double()
-    y_train = _as_labels(train_labels, "train_labels", x_train.shape[0])
-    y_test = _as_labels(test_labels, "test_labels", x_test.shape[0])
-    if x_train.shape[0] == 0:
+    n, width = _rows(train_features, "train_features")
+    m, test_width = _rows(test_features, "test_features")
+    y_train = _as_labels(train_labels, "train_labels", n)
+    y_test = _as_labels(test_labels, "test_labels", m)
+    if n == 0:
         raise DataError("the linear probe needs at least one training sample")
-    if x_train.shape[1] != x_test.shape[1]:
-        raise DataError(f"train features have {x_train.shape[1]} columns, test features {x_test.shape[1]}")
+    if width != test_width:
+        raise DataError(f"train features have {width} columns, test features {test_width}")
     check_positive(epochs, "epochs")
     check_positive(lr, "lr")
+    check_positive(batch_size, "batch_size")
+    check_positive(minibatch_epochs, "minibatch_epochs")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
-
-    mean = x_train.mean(0)
-    std = x_train.std(0, unbiased=False).clamp_min(1e-8)  # constant columns become 0, not NaN
-    x_train = ((x_train - mean) / std).float()
-    x_test = ((x_test - mean) / std).float()
     num_classes = int(max(int(y_train.max()), int(y_test.max()) if len(y_test) else 0)) + 1
-
     generator = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(x_train.shape[1]) if x_train.shape[1] else 0.0
-    weight = (torch.rand(num_classes, x_train.shape[1], generator=generator) * 2 - 1) * bound
-    bias = torch.zeros(num_classes)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
+    bound = 1.0 / math.sqrt(width) if width else 0.0
+    weight = ((torch.rand(num_classes, width, generator=generator) * 2 - 1) * bound).requires_grad_(True)
+    bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    for _ in range(epochs):
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(F.linear(x_train, weight, bias), y_train)
-        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
+        loss = F.cross_entropy(F.linear(x, weight, bias), y) + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         optimizer.step()
-        schedule.step()
+
+    if memory_budget_mb is None or n * width * FULL_BATCH_BYTES <= memory_budget_mb * 2**20:
+        x_train = _as_float(train_features, "train_features", 2).double()
+        mean = x_train.mean(0)
+        std = x_train.std(0, unbiased=False).clamp_min(1e-8)  # constant columns become 0, not NaN
+        x_train = ((x_train - mean) / std).float()
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        for _ in range(epochs):
+            step(x_train, y_train)
+            schedule.step()
+        del x_train
+    else:
+        mean, std = _column_stats(train_features, batch_size)
+        batches = math.ceil(n / batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=minibatch_epochs * batches)
+        for _ in range(minibatch_epochs):
+            order = torch.randperm(n, generator=generator)
+            for rows in order.split(batch_size):
+                rows = rows.sort().values  # ascending reads of a memory map
+                x = _as_float(train_features[rows.numpy()], "train_features", 2).double()
+                step(((x - mean) / std).float(), y_train[rows])
+                schedule.step()
     with torch.no_grad():
-        logits = F.linear(x_test, weight, bias)
-    return topk_accuracy(logits, y_test, ks)
+        logits = [
+            F.linear(
+                (
+                    (_as_float(test_features[i : i + batch_size], "test_features", 2).double() - mean) / std
+                ).float(),
+                weight,
+                bias,
+            )
+            for i in range(0, m, batch_size)
+        ]
+    return topk_accuracy(torch.cat(logits) if logits else torch.zeros(0, num_classes), y_test, ks)
+
+
+def _column_stats(x: ArrayLike, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 column means and standard deviations of ``x``, read ``batch_size`` rows at a
+    time (shifted by the first row, so the sums of squares do not cancel)."""
+    shift = _as_float(x[:1], "train_features", 2).double()[0]
+    total = torch.zeros_like(shift)
+    squares = torch.zeros_like(shift)
+    n = int(x.shape[0])
+    for i in range(0, n, batch_size):
+        chunk = _as_float(x[i : i + batch_size], "train_features", 2).double() - shift
+        total += chunk.sum(0)
+        squares += chunk.pow(2).sum(0)
+    mean = total / n
+    var = (squares / n - mean.pow(2)).clamp_min(0)
+    return mean + shift, var.sqrt().clamp_min(1e-8)
 
 
 # --------------------------------------------------------------------------- redundancy
@@ -490,6 +592,7 @@ def code_knn_scores(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    train_chunk_size: int = 65_536,
 ) -> torch.Tensor:
     """Class scores of a weighted kNN that sees only the discrete code.
 
@@ -506,6 +609,8 @@ def code_knn_scores(
         temperature: vote temperature (> 0).
         num_classes: C; by default ``max(train_labels) + 1``.
         chunk_size: test rows per similarity block.
+        train_chunk_size: training rows per similarity block (memory
+            O(chunk_size * train_chunk_size), as in :func:`knn_scores`).
 
     Returns:
         (M, C) float tensor of summed votes.
@@ -525,16 +630,23 @@ def code_knn_scores(
     check_positive(k, "k")
     check_positive(temperature, "temperature")
     check_positive(chunk_size, "chunk_size")
+    check_positive(train_chunk_size, "train_chunk_size")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     blocks = train.shape[1]
     k = min(k, train.shape[0])
-    train_hot = F.one_hot(train, bin_size).reshape(train.shape[0], -1).float()
-    chunks = []
-    for chunk in test.split(chunk_size):
-        test_hot = F.one_hot(chunk, bin_size).reshape(chunk.shape[0], -1).float()
-        agreement = test_hot @ train_hot.T  # (m, N_train) agreeing blocks, exact in float32
-        chunks.append(_weighted_vote(agreement / blocks, labels, k, temperature, num_classes))
-    return torch.cat(chunks) if chunks else torch.zeros(0, num_classes)
+
+    def train_block(start: int) -> torch.Tensor:
+        rows = train[start : start + train_chunk_size]
+        return F.one_hot(rows, bin_size).reshape(rows.shape[0], -1).float()
+
+    # Similarity: the number of agreeing blocks, exact in float32; a temperature
+    # scaled by B makes each vote exp(agreement / B / temperature).
+    queries = (
+        F.one_hot(chunk, bin_size).reshape(chunk.shape[0], -1).float() for chunk in test.split(chunk_size)
+    )
+    return _streamed_vote(
+        queries, train.shape[0], train_block, train_chunk_size, labels, k, temperature * blocks, num_classes
+    )
 
 
 def code_knn_accuracy(
