@@ -56,9 +56,10 @@ class ImageArraysDataset(_FileDataset):
             ) from None
 
     def save(self, data: ImageData) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **data.to_arrays())  # type: ignore[arg-type]
-        atomic_write_bytes(self._filepath, buffer.getvalue())
+        # Streamed into the temporary file: an in-memory buffer and its copy would hold
+        # the images twice more.
+        with atomic_open(self._filepath, "wb") as handle:
+            np.savez(handle, **data.to_arrays())  # type: ignore[arg-type]
 
 
 class AtomicCSVDataset(_FileDataset):

@@ -388,3 +388,52 @@ def test_validation_holdout_takes_a_stratified_share_of_training_and_drops_the_t
     again = load_source(DataConfig(holdout="validation", validation_size=0.2))
     assert (again.data.ids[again.data.splits == "test"] == held.data.ids[validation]).all()
     assert len(held.originals) == len(held.data.ids)
+
+
+def _many_images(root: Path, n: int, seed: int = 0) -> None:
+    """``n`` train and ``n // 4`` test images of two classes, PNG and JPEG, three sizes."""
+    rng = np.random.default_rng(seed)
+    sizes = [(12, 12), (12, 12), (10, 14)]
+    for split, count in (("train", n), ("test", n // 4)):
+        for i in range(count):
+            h, w = sizes[i % len(sizes)]
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            folder = root / split / ("cat" if i % 2 else "dog")
+            folder.mkdir(parents=True, exist_ok=True)
+            suffix = "png" if i % 3 else "jpg"
+            Image.fromarray(pixels).save(folder / f"{i:04d}.{suffix}")
+
+
+def test_parallel_decoding_gives_the_same_images_as_one_process(tmp_path):
+    from imsvd import decoding
+
+    root = tmp_path / "many"
+    _many_images(root, 4 * decoding.MIN_PARALLEL_FILES)
+    one = load_image_folder(root, 10_000_000, workers=1)
+    two = load_image_folder(root, 10_000_000, workers=2)
+    assert one.data.images.shape == (5 * decoding.MIN_PARALLEL_FILES, 12, 12, 3)
+    np.testing.assert_array_equal(two.data.images, one.data.images)
+    np.testing.assert_array_equal(two.data.ids, one.data.ids)
+    assert two.originals == one.originals
+    assert {o.width for o in two.originals} == {12, 14}  # the originals keep their own size
+
+
+def test_parallel_decoding_names_every_unreadable_file(tmp_path):
+    from imsvd import decoding
+
+    root = tmp_path / "many"
+    _many_images(root, 2 * decoding.MIN_PARALLEL_FILES)
+    good = sorted((root / "train" / "cat").glob("*.png"))
+    good[0].write_bytes(good[0].read_bytes()[:60])  # a header that reads, pixels that do not
+    (root / "train" / "dog" / "text.png").write_bytes(b"not an image")  # no header at all
+    with pytest.raises(DataError, match=r"2 unreadable image file\(s\)") as info:
+        load_image_folder(root, 10_000_000, workers=2)
+    assert str(good[0]) in str(info.value) and "text.png" in str(info.value)
+
+
+def test_mixed_channels_and_unreadable_files_are_reported_together(make_image_folder):
+    root = make_image_folder()
+    write_image(root / "train/cat/colour.png", np.zeros((8, 8, 3), np.uint8))
+    (root / "train" / "dog" / "text.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"1 unreadable image file.*text\.png.*mix 1 and 3 channels"):
+        load_image_folder(root, 10_000)

@@ -123,13 +123,14 @@ class DataConfig:
     test_size: float = 0.25
     seed: int = 0
     max_image_pixels: int = 50_000_000
+    workers: int | None = None
     max_train: int | None = None
     max_test: int | None = None
     holdout: str = "test"
     validation_size: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("max_train", "max_test"):
+        for name in ("max_train", "max_test", "workers"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"data.{name}", "must be >= 1 or null")
         _check(self.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {self.source!r}")

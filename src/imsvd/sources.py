@@ -25,6 +25,7 @@ Image folder decisions (the canonical form has one size and one channel count):
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -39,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from imsvd import decoding
 from imsvd.config import DataConfig
 from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
 from imsvd.errors import DataError
@@ -119,7 +121,7 @@ def load_source(config: DataConfig) -> SourceImages:
         data = load_fashion_mnist(Path(str(config.path)))
         source = SourceImages(data, canonical_originals(data))
     else:
-        source = load_image_folder(Path(str(config.path)), config.max_image_pixels)
+        source = load_image_folder(Path(str(config.path)), config.max_image_pixels, config.workers)
     source = subsample(source, config.max_train, config.max_test, config.seed)
     if config.holdout == "validation":
         source = validation_holdout(source, config.validation_size, config.seed)
@@ -538,6 +540,14 @@ def decode_image(path: Path) -> tuple[np.ndarray, OriginalImage]:
         raise DataError(f"cannot decode ({exc})") from exc
 
 
+def _decode_resized(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One file decoded, checked against its header's channels, resized to ``size``."""
+    array, _ = decode_image(path)
+    if array.shape[2] != channels:  # pragma: no cover - the header's mode fixes the channels
+        raise DataError(f"decoded to {array.shape[2]} channels, its header said {channels}")
+    return resize_array(array, size)
+
+
 def most_common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The most frequent ``(height, width)``; ties go to the smallest size.
 
@@ -562,14 +572,28 @@ def resize_array(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized.reshape(size[0], size[1], array.shape[2])
 
 
-def load_image_folder(root: Path, max_image_pixels: int) -> SourceImages:
+def canonical_channels(mode: str) -> int:
+    """Channels of the canonical array of a Pillow ``mode`` (see :func:`to_canonical_array`).
+
+    Raises:
+        DataError: for mode ``F``.
+    """
+    if mode == "F":
+        raise DataError("floating-point mode F is not supported")
+    return 1 if mode in _SIXTEEN_BIT or mode in _TO_L else 3
+
+
+def load_image_folder(root: Path, max_image_pixels: int, workers: int | None = None) -> SourceImages:
     """Read ``root/train`` and ``root/test`` into one canonical image set.
 
-    Every file is fully decoded; all failures are collected and reported together.
+    Every file is decoded once, in ``workers`` processes (``None``: one per core), straight
+    into its row of one array (:mod:`imsvd.decoding`); the headers, read first, fix the
+    common size and the channels. All failures are collected and reported together.
 
     Args:
         root: the image folder (``data.path``).
         max_image_pixels: Pillow's decompression-bomb limit (``data.max_image_pixels``).
+        workers: decoding processes (``data.workers``).
 
     Returns:
         Images resized to the most common size, train first; ids are paths relative to
@@ -580,36 +604,51 @@ def load_image_folder(root: Path, max_image_pixels: int) -> SourceImages:
             files (listed by path with the reason), or mixed channel counts.
     """
     files = list_image_files(root)
-    arrays: list[np.ndarray] = []
-    originals: list[OriginalImage] = []
+    workers = workers or decoding.cpu_count()
     failures: list[str] = []
+    readable: list[tuple[ImageFile, OriginalImage, int]] = []
     with bomb_limit(max_image_pixels):
-        for file in files:
+        headers = decoding.read_headers([f.path for f in files], max_image_pixels, workers)
+        for file, header in zip(files, headers, strict=True):
             try:
-                array, original = decode_image(file.path)
+                if isinstance(header, str):
+                    raise DataError(header)
+                channels = canonical_channels(header.mode)
             except DataError as exc:
                 failures.append(f"{file.path}: {exc}")
                 continue
-            arrays.append(array)
-            originals.append(original)
+            readable.append((file, OriginalImage(header.height, header.width, header.mode), channels))
+        channel_counts = Counter(c for _, _, c in readable)
+        if len(channel_counts) > 1:  # decoding could not give one array: stop here
+            minority = min(channel_counts, key=lambda c: (channel_counts[c], c))
+            odd = [f.image_id for f, _, c in readable if c == minority]
+            mixed = (
+                f"{root}: images mix 1 and 3 channels after conversion; {len(odd)} file(s) have {minority}: "
+                f"{_name_files(odd)}"
+            )
+            if failures:
+                mixed = f"{len(failures)} unreadable image file(s) in {root}: {_name_files(failures)}; and {mixed}"
+            raise DataError(mixed)
+        size = most_common_size([(o.height, o.width) for _, o, _ in readable]) if readable else (1, 1)
+        channels = next(iter(channel_counts), 1)
+        images, reasons = decoding.decode_into(
+            [f.path for f, _, _ in readable],
+            (size[0], size[1], channels),
+            functools.partial(_decode_resized, size=size, channels=channels),
+            max_image_pixels,
+            workers,
+        )
+    failures += [f"{f.path}: {reason}" for (f, _, _), reason in zip(readable, reasons, strict=True) if reason]
     if failures:
         raise DataError(f"{len(failures)} unreadable image file(s) in {root}: {_name_files(failures)}")
-    channel_counts = Counter(a.shape[2] for a in arrays)
-    if len(channel_counts) > 1:
-        minority = min(channel_counts, key=lambda c: (channel_counts[c], c))
-        odd = [f.image_id for f, a in zip(files, arrays, strict=True) if a.shape[2] == minority]
-        raise DataError(
-            f"{root}: images mix 1 and 3 channels after conversion; {len(odd)} file(s) have {minority}: "
-            f"{_name_files(odd)}"
-        )
-    size = most_common_size([a.shape[:2] for a in arrays])
+    originals = [o for _, o, _ in readable]
     class_names = sorted({f.class_name for f in files if f.class_name is not None and f.split == TRAIN})
     if not class_names:
         class_names = sorted({f.class_name for f in files if f.class_name is not None})
     index = {name: i for i, name in enumerate(class_names)}
     labels = [index[f.class_name] if f.class_name is not None else UNLABELLED for f in files]
     data = ImageData(
-        images=np.stack([resize_array(a, size) for a in arrays]),
+        images=images,
         labels=np.asarray(labels, dtype=np.int64),
         splits=np.asarray([f.split for f in files]),
         ids=np.asarray([f.image_id for f in files]),

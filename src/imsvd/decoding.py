@@ -1,0 +1,198 @@
+"""Decoding a folder's image files in parallel, each file once, into one array.
+
+Two passes over the files, each in a pool of worker processes: the first reads only the
+headers (size and mode: Pillow decodes no pixels at ``Image.open``), which fixes the common
+size and channel count, so the second can decode and resize every file straight into its
+row of one array allocated once. Before this, the decoded originals, their resized copies,
+the stacked array and the in-memory ``.npz`` were all held at once (four times the data).
+
+The array lives in anonymous shared memory created before the pool forks, so workers write
+their rows in place and send back only a status; nothing is pickled. Where ``fork`` is not
+available the decoding runs in this process.
+
+Written here rather than with a dataset engine: the result is the one in-memory array the
+later stages read today. The streaming, sharded store that replaces it is the subject of
+its own work (see the README's "Image folders").
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from imsvd.errors import DataError
+
+#: Files per task: enough to amortise the round trip, few enough to balance the workers.
+CHUNK = 64
+#: Below this many files the pool's start costs more than it saves.
+MIN_PARALLEL_FILES = 2 * CHUNK
+
+
+@dataclass(frozen=True)
+class Header:
+    """A file's size and Pillow mode, read without decoding its pixels."""
+
+    height: int
+    width: int
+    mode: str
+
+
+def cpu_count() -> int:
+    """The cores this process may use (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# Per-process state of the pool workers, set before the fork.
+_SHARED: dict[str, Any] = {}
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to kill this worker when the validating process dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - best effort
+        pass
+
+
+def _init(max_image_pixels: int) -> None:
+    import warnings
+
+    _die_with_parent()
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def read_header(path: Path) -> Header:
+    """Size and mode of one image file, decoding no pixels.
+
+    Raises:
+        DataError: with the reason (not an image, a decompression bomb, unreadable).
+    """
+    try:
+        with Image.open(path) as img:
+            return Header(img.height, img.width, img.mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"decompression bomb refused by data.max_image_pixels ({exc})") from exc
+    except UnidentifiedImageError:
+        raise DataError("not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot decode ({exc})") from exc
+
+
+def _headers(paths: Sequence[str]) -> list[Header | str]:
+    out: list[Header | str] = []
+    for path in paths:
+        try:
+            out.append(read_header(Path(path)))
+        except DataError as exc:
+            out.append(str(exc))
+    return out
+
+
+def _decode_rows(task: tuple[int, Sequence[str]]) -> list[str | None]:
+    """Decode ``task``'s files into their rows of the shared array; a reason per failure."""
+    start, paths = task
+    decode: Callable[[Path], np.ndarray] = _SHARED["decode"]
+    out = _SHARED["out"]
+    reasons: list[str | None] = []
+    for offset, path in enumerate(paths):
+        try:
+            out[start + offset] = decode(Path(path))
+            reasons.append(None)
+        except DataError as exc:
+            reasons.append(str(exc))
+    return reasons
+
+
+def _tasks(paths: Sequence[str]) -> list[tuple[int, Sequence[str]]]:
+    return [(start, paths[start : start + CHUNK]) for start in range(0, len(paths), CHUNK)]
+
+
+def _map(
+    fn: Callable[[Any], list[Any]],
+    tasks: Sequence[Any],
+    workers: int,
+    max_image_pixels: int,
+    bar: tqdm,
+) -> Iterator[list[Any]]:
+    """``fn`` over ``tasks`` in order, in a forked pool when worth it, updating ``bar``."""
+    parallel = workers > 1 and "fork" in multiprocessing.get_all_start_methods()
+    if not parallel:
+        for task in tasks:
+            result = fn(task)
+            bar.update(len(result))
+            yield result
+        return
+    context = multiprocessing.get_context("fork")  # the workers inherit _SHARED, nothing is pickled
+    with context.Pool(workers, _init, (max_image_pixels,)) as pool:
+        for result in pool.imap(fn, tasks):
+            bar.update(len(result))
+            yield result
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    # Off a TTY (logs, CI) a line every 10 s instead of a redrawn bar.
+    interval = 0.5 if sys.stderr.isatty() else 10.0
+    return tqdm(total=total, desc=desc, unit="file", mininterval=interval, disable=total < MIN_PARALLEL_FILES)
+
+
+def read_headers(paths: Sequence[Path], max_image_pixels: int, workers: int) -> list[Header | str]:
+    """Each file's :class:`Header`, or the reason it cannot be read, in ``paths`` order."""
+    names = [str(p) for p in paths]
+    workers = workers if len(names) >= MIN_PARALLEL_FILES else 1
+    tasks = [names[start : start + CHUNK] for start in range(0, len(names), CHUNK)]
+    out: list[Header | str] = []
+    with _progress(len(names), "reading headers") as bar:
+        for result in _map(_headers, tasks, workers, max_image_pixels, bar):
+            out.extend(result)
+    return out
+
+
+def decode_into(
+    paths: Sequence[Path],
+    shape: tuple[int, int, int],
+    decode: Callable[[Path], np.ndarray],
+    max_image_pixels: int,
+    workers: int,
+) -> tuple[np.ndarray, list[str | None]]:
+    """Decode every file with ``decode`` (which returns its ``shape`` row) into one uint8
+    array of ``(len(paths), *shape)``.
+
+    Returns:
+        The array (rows of failed files are left zero) and, per file, ``None`` or the
+        reason it failed.
+    """
+    n = len(paths)
+    nbytes = max(1, n * math.prod(shape))
+    buffer = mmap.mmap(-1, nbytes)  # anonymous and shared: forked workers write into it
+    out = np.frombuffer(buffer, dtype=np.uint8, count=n * math.prod(shape)).reshape(n, *shape)
+    names = [str(p) for p in paths]
+    workers = workers if n >= MIN_PARALLEL_FILES else 1
+    _SHARED.update(decode=decode, out=out)
+    reasons: list[str | None] = []
+    try:
+        with _progress(n, "decoding") as bar:
+            for result in _map(_decode_rows, _tasks(names), workers, max_image_pixels, bar):
+                reasons.extend(result)
+    finally:
+        _SHARED.clear()
+    return out, reasons
