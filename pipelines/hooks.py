@@ -29,12 +29,6 @@ log = logging.getLogger(__name__)
 ARTIFACT_SUFFIXES = {".png", ".json", ".csv"}
 
 
-def _is_worker_rank() -> bool:
-    """True in the non-zero ranks of a ``torchrun``/``srun`` launch, which must not log or
-    lock (they do not run a Kedro pipeline either: :func:`imsvd_pipelines.cli.train_only`)."""
-    return not is_writer()
-
-
 class ParameterCheckHook:
     """Parses every parameter section into its typed config before any dataset is read,
     so a typo or a bad value stops ``kedro run`` at once, naming the parameter.
@@ -62,7 +56,9 @@ class LockHook:
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        if _is_worker_rank() or self._handle is not None:
+        # The other ranks of a torchrun/srun launch neither lock nor log: they run no Kedro
+        # pipeline (imsvd_pipelines.cli.train_only).
+        if not is_writer() or self._handle is not None:
             return
         path = Path(context.project_path) / ".project.lock"
         handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
@@ -121,7 +117,7 @@ class MlflowTrackingHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        if _is_worker_rank():
+        if not is_writer():
             return
         import mlflow
 
