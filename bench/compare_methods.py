@@ -337,7 +337,13 @@ def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str)
         + f"; budget '{args.budget}'"
         + (f" (Kedro environment `{args.env}`)" if args.env else "")
         + f": {shared.get('pretrain.epochs', 'the environment’s')} epochs, shared parameters `{json.dumps(shared)}`.",
-        "Accuracies in percent on the test split; ± is the standard deviation over the seeds "
+        "Accuracies in percent on the "
+        + (
+            "validation slice of the training images (data.holdout=validation)"
+            if shared.get("data.holdout") == "validation"
+            else "test split"
+        )
+        + "; ± is the standard deviation over the seeds "
         f"{sorted({r['seed'] for r in rows})} where a row ran more than one; a row from an earlier "
         "commit says so.",
         "",
