@@ -183,7 +183,7 @@ def main() -> int:
         "to one table with --reuse can share one commit while work goes on",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--name", help="output file stem (default compare_<data>[_<budget>])")
+    parser.add_argument("--name", help="output file stem, dots kept (default compare_<data>[_<budget>])")
     parser.add_argument(
         "--reuse",
         type=Path,
@@ -245,11 +245,11 @@ def main() -> int:
 
     def save() -> None:
         """Rewrite the results after every row, so an interrupted run keeps what it measured."""
-        stem.with_suffix(".json").write_text(
+        stem.with_name(stem.name + ".json").write_text(
             json.dumps({"commit": commit, "shared": shared, "rows": rows}, indent=2, default=str)
         )
         if any("linear_top1" in r for r in rows):
-            stem.with_suffix(".md").write_text(table(rows, shared, args, commit))
+            stem.with_name(stem.name + ".md").write_text(table(rows, shared, args, commit))
 
     def run(method: str, seed: int) -> None:
         # One shared optimiser; a method whose loss diverges at the shared learning rate is
@@ -318,7 +318,7 @@ def main() -> int:
             run(method, seed)
 
     save()
-    print(stem.with_suffix(".md").read_text())
+    print(stem.with_name(stem.name + ".md").read_text())
     return 0
 
 
