@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -323,9 +324,13 @@ def main() -> int:
 
 
 def _cell(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    known = [v for v in values if math.isfinite(v)]  # a figure lost for one seed (NaN) is left out
+    if not known:
+        return "–"
+    note = "" if len(known) == len(values) else f" ({len(known)} of {len(values)})"
+    if len(known) == 1:
+        return f"{known[0]:.2f}{note}"
+    return f"{statistics.mean(known):.2f} ± {statistics.stdev(known):.2f}{note}"
 
 
 def table(rows: list[dict], shared: dict, args: argparse.Namespace, commit: str) -> str:
