@@ -37,7 +37,7 @@ def make_folder(root: Path, n: int, side: int = 256) -> Path:
         return root
     rng = np.random.default_rng(0)
     for i in range(n):
-        split = "test" if i % 5 == 4 else "train"
+        split = "test" if (i // 10) % 5 == 4 else "train"  # every class in both splits
         folder = root / split / f"class{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
         coarse = Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
