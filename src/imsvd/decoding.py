@@ -17,6 +17,7 @@ its own work (see the README's "Image folders").
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import multiprocessing
@@ -60,8 +61,8 @@ def cpu_count() -> int:
 _SHARED: dict[str, Any] = {}
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to kill this worker when the validating process dies."""
+def die_with_parent() -> None:
+    """Linux: ask the kernel to kill this worker process when its parent dies."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -73,10 +74,25 @@ def _die_with_parent() -> None:
         pass
 
 
+@contextlib.contextmanager
+def pillow_errors() -> Iterator[None]:
+    """Turn what Pillow raises on a bad file into a :class:`DataError` with the reason."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"decompression bomb refused by data.max_image_pixels ({exc})") from exc
+    except UnidentifiedImageError:
+        raise DataError("not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot decode ({exc})") from exc
+
+
 def _init(max_image_pixels: int) -> None:
     import warnings
 
-    _die_with_parent()
+    die_with_parent()
     Image.MAX_IMAGE_PIXELS = max_image_pixels
     warnings.simplefilter("error", Image.DecompressionBombWarning)
 
@@ -87,15 +103,8 @@ def read_header(path: Path) -> Header:
     Raises:
         DataError: with the reason (not an image, a decompression bomb, unreadable).
     """
-    try:
-        with Image.open(path) as img:
-            return Header(img.height, img.width, img.mode)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"decompression bomb refused by data.max_image_pixels ({exc})") from exc
-    except UnidentifiedImageError:
-        raise DataError("not an image Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot decode ({exc})") from exc
+    with pillow_errors(), Image.open(path) as img:
+        return Header(img.height, img.width, img.mode)
 
 
 def _headers(paths: Sequence[str]) -> list[Header | str]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from imsvd import decoding
@@ -525,19 +525,10 @@ def decode_image(path: Path) -> tuple[np.ndarray, OriginalImage]:
     Raises:
         DataError: with the reason, when the file cannot be fully decoded.
     """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            original = OriginalImage(img.height, img.width, img.mode)
-            return to_canonical_array(img), original
-    except DataError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"decompression bomb refused by data.max_image_pixels ({exc})") from exc
-    except UnidentifiedImageError:
-        raise DataError("not an image Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot decode ({exc})") from exc
+    with decoding.pillow_errors(), Image.open(path) as img:
+        img.load()
+        original = OriginalImage(img.height, img.width, img.mode)
+        return to_canonical_array(img), original
 
 
 def _decode_resized(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from imsvd.augment.recipe import augment_images, multi_view_transform, recipe_params
 from imsvd.config import AugmentConfig
+from imsvd.decoding import cpu_count, die_with_parent
 from imsvd.errors import DataError
 from imsvd.io import atomic_path, atomic_write_text, sha256_file, sha256_stream
 
@@ -164,11 +165,7 @@ def open_view_cache(cfg: AugmentConfig, fingerprint: str) -> np.ndarray | None:
 
 def available_workers(cfg: AugmentConfig) -> int:
     """``cfg.workers``, or the cores this process may run on."""
-    if cfg.workers is not None:
-        return cfg.workers
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return cfg.workers if cfg.workers is not None else cpu_count()
 
 
 @contextlib.contextmanager
@@ -208,23 +205,8 @@ def _one_thread() -> Iterator[None]:
 _WORKER: dict[str, Any] = {}
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to kill this worker when the building process dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):  # pragma: no cover - best effort
-        pass
-
-
 def _init_worker(images: np.ndarray, cfg: AugmentConfig, out_path: str) -> None:
-    _die_with_parent()
+    die_with_parent()
     torch.set_num_threads(1)
     _WORKER["images"] = images
     _WORKER["transform"] = multi_view_transform(cfg, images.shape[-1])
