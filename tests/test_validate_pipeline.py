@@ -51,7 +51,13 @@ def run_validate(root: Path, data_overrides: dict[str, Any]) -> dict[str, Any]:
 
 def outputs(root: Path) -> dict[str, Path]:
     primary = root / "data" / "03_primary"
-    return {"images": primary / "images.npz", "manifest": primary / "manifest.csv"}
+    return {
+        "images": primary / "images.npz",
+        "manifest": primary / "manifest.csv",
+        "store index": primary / "image_store.json",
+        "train shards": primary / "image_store/train/index.json",
+        "test shards": primary / "image_store/test/index.json",
+    }
 
 
 def test_digits_then_bad_folders_leave_the_validated_outputs(tmp_path, make_image_folder):
@@ -59,7 +65,11 @@ def test_digits_then_bad_folders_leave_the_validated_outputs(tmp_path, make_imag
     files = outputs(tmp_path)
     report_path = tmp_path / "data/08_reporting/validation.json"
     assert all(p.is_file() for p in files.values()) and report_path.is_file()
-    assert len(pd.read_csv(files["manifest"])) == 1797
+    manifest = pd.read_csv(files["manifest"])
+    assert len(manifest) == 1797
+    # Every image's shard is a chunk of the store, in the image's split.
+    assert (manifest["shard"].str.split("/").str[0] == manifest["split"]).all()
+    assert all((tmp_path / "data/03_primary/image_store" / s).is_file() for s in manifest["shard"].unique())
     assert json.loads(report_path.read_text())["success"] is True
     assert (tmp_path / "data/08_reporting/data_docs/index.html").is_file()
     before = {name: p.read_bytes() for name, p in files.items()}
@@ -96,7 +106,12 @@ def test_nodes_on_a_tiny_folder(tmp_path, make_image_folder):
     )
     assert isinstance(images, ImageData) and len(manifest) == 16
     assert report["success"] and report["source"] == "image_folder"
-    assert accept_validated(images, manifest, report) == (images, manifest)
+    store = tmp_path / "store"
+    accepted, with_shards, index = accept_validated(
+        images, manifest, report, {"source": "image_folder", "path": str(root), "store_dir": str(store)}
+    )
+    assert accepted is images and with_shards.drop(columns="shard").equals(manifest)
+    assert index["splits"]["train"]["images"] == 12 and index["kept_files"] == 16
     # The same folder against a threshold it misses: the suite's own report stops node 2.
     images, manifest, failed = load_and_check(
         {"source": "image_folder", "path": str(root)},
@@ -104,12 +119,13 @@ def test_nodes_on_a_tiny_folder(tmp_path, make_image_folder):
     )
     assert failed["success"] is False
     with pytest.raises(ValidationFailed, match=r"expect_table_row_count_to_be_between.*12"):
-        accept_validated(images, manifest, failed)
+        accept_validated(images, manifest, failed, {"store_dir": str(tmp_path / "other")})
+    assert not (tmp_path / "other").exists()
 
 
 def test_pipeline_wiring():
     pipeline = create_pipeline()
     assert {n.name for n in pipeline.nodes} == {"load_and_check_images", "accept_validated_images"}
     assert pipeline.inputs() == {"params:data", "params:validate"}
-    assert pipeline.outputs() == {"validated_images", "manifest"}
+    assert pipeline.outputs() == {"validated_images", "manifest", "image_store"}
     assert "validation_report" in pipeline.all_outputs()  # persisted even when node 2 fails

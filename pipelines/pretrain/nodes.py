@@ -7,13 +7,15 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
+from torch.utils.data import Dataset
 
-from imsvd.augment import pair_dataset
+from imsvd.augment import Pair, StorePairs, pair_dataset
 from imsvd.checkpoints import encoder_payload
 from imsvd.config import AugmentConfig, PretrainConfig, parse
 from imsvd.data import TRAIN, ImageData, is_labelled
 from imsvd.plots import loss_curve_figure
 from imsvd.preprocess import channel_stats
+from imsvd.store import split_directory
 from imsvd.tracking import lightning_logger
 from imsvd.training import MonitorData, RunIdentity, pretrain
 from imsvd.validation import require_validated
@@ -25,14 +27,17 @@ def pretrain_encoder(
     validated_images: ImageData,
     validation_report: dict[str, Any],
     view_cache_manifest: dict[str, Any] | None,
+    image_store: dict[str, Any] | None,
     pretrain_params: dict[str, Any],
     augment_params: dict[str, Any],
 ) -> tuple[dict[str, Any], pd.DataFrame, Figure]:
     """Train the encoder with ``pretrain.method`` on pairs of augmented training views.
 
-    Views come from the augment pipeline's cache when it exists and its checksum,
-    parameters and data fingerprint match (``view_cache_manifest`` is ``None`` when the
-    augment pipeline has not run), otherwise from on-the-fly augmentation.
+    With ``pretrain.stream_store`` the views are cropped on the fly from the image store's
+    images at their own size. Otherwise they come from the augment pipeline's cache when
+    it exists and its checksum, parameters and data fingerprint match
+    (``view_cache_manifest`` is ``None`` when the augment pipeline has not run), else from
+    on-the-fly augmentation of the validated arrays.
 
     Returns:
         The encoder (plain tensors and metadata), the per-step history and the loss-curve figure.
@@ -44,7 +49,12 @@ def pretrain_encoder(
     train = train_split.images
     fingerprint = data.fingerprint
     use_cache = cfg.use_cache and view_cache_manifest is not None
-    dataset, source = pair_dataset(train, fingerprint, augment, use_cache=use_cache, seed=cfg.seed)
+    dataset: Dataset[Pair]
+    if cfg.stream_store:
+        directory = split_directory(image_store, TRAIN, fingerprint)
+        dataset, source = StorePairs(directory, augment, train.shape[-1], cfg.seed), "image store"
+    else:
+        dataset, source = pair_dataset(train, fingerprint, augment, use_cache=use_cache, seed=cfg.seed)
     mean, std = channel_stats(train)
     identity = RunIdentity.of(cfg, augment, fingerprint)
     labelled = is_labelled(train_split.labels)

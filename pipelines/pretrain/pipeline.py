@@ -14,6 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "validated_images",
                     "validation_report",
                     "view_cache_manifest",
+                    "image_store",
                     "params:pretrain",
                     "params:augment",
                 ],

@@ -6,6 +6,7 @@ while the validated images and manifest (node 2's outputs) keep their previous v
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -14,6 +15,7 @@ from imsvd.config import DataConfig, ValidateConfig, parse
 from imsvd.data import ImageData
 from imsvd.errors import ValidationFailed
 from imsvd.sources import load_source
+from imsvd.store import write_image_store
 from imsvd.validation import check_images
 
 
@@ -43,21 +45,35 @@ def load_and_check(
 
 
 def accept_validated(
-    candidate_images: ImageData, candidate_manifest: pd.DataFrame, validation_report: dict[str, Any]
-) -> tuple[ImageData, pd.DataFrame]:
-    """Pass the candidates on when the report says the validation succeeded.
+    candidate_images: ImageData,
+    candidate_manifest: pd.DataFrame,
+    validation_report: dict[str, Any],
+    data_params: dict[str, Any],
+) -> tuple[ImageData, pd.DataFrame, dict[str, Any]]:
+    """Pass the candidates on when the report says the validation succeeded, and write
+    them to the image store (:mod:`imsvd.store`).
+
+    The store replaces the previous one only once it is complete, and only for accepted
+    images, so a failed validation leaves every earlier output in place.
 
     Args:
         candidate_images: images from :func:`load_and_check`.
         candidate_manifest: their manifest.
         validation_report: the report of :func:`load_and_check`.
+        data_params: the ``data`` parameters (the source folder and ``data.store_dir``).
 
     Returns:
-        The validated images and manifest, unchanged.
+        The validated images, their manifest with the ``shard`` of each image, and the
+        store's index.
 
     Raises:
         ValidationFailed: naming each failed expectation, when the report failed.
+        DataError: naming the file, when an image file cannot be read again for the store.
     """
     if not validation_report.get("success"):
         raise ValidationFailed(validation_report.get("message") or "image validation failed")
-    return candidate_images, candidate_manifest
+    config = parse(DataConfig, data_params, "data")
+    folder = Path(str(config.path)) if config.source == "image_folder" else None
+    index = write_image_store(candidate_images, Path(config.store_dir), folder)
+    manifest = candidate_manifest.assign(shard=index.pop("shards"))
+    return candidate_images, manifest, index

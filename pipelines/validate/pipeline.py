@@ -21,8 +21,8 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
             ),
             Node(
                 accept_validated,
-                inputs=["candidate_images", "candidate_manifest", "validation_report"],
-                outputs=["validated_images", "manifest"],
+                inputs=["candidate_images", "candidate_manifest", "validation_report", "params:data"],
+                outputs=["validated_images", "manifest", "image_store"],
                 name="accept_validated_images",
             ),
         ]

@@ -128,6 +128,7 @@ class DataConfig:
     max_test: int | None = None
     holdout: str = "test"
     validation_size: float = 0.2
+    store_dir: str = "data/03_primary/image_store"
 
     def __post_init__(self) -> None:
         for name in ("max_train", "max_test", "workers"):
@@ -321,6 +322,7 @@ class PretrainConfig:
     resume: bool = True
     seed: int = 0
     use_cache: bool = True
+    stream_store: bool = False
     device_flip: bool = False
     accelerator: str = "auto"
     devices: str = "auto"
@@ -333,6 +335,7 @@ class PretrainConfig:
     num_workers: int = 0
     log_every_n_steps: int = 5
     max_steps_per_epoch: int | None = None
+    checkpoint_every_n_steps: int = 0
     checkpoint_dir: str = "data/06_models/checkpoints"
 
     def __post_init__(self) -> None:
@@ -363,6 +366,13 @@ class PretrainConfig:
             f"must be positive, got {self.collective_timeout_s}",
         )
         _check(self.log_every_n_steps >= 1, "pretrain.log_every_n_steps", "must be >= 1")
+        _check(self.checkpoint_every_n_steps >= 0, "pretrain.checkpoint_every_n_steps", "must be >= 0")
+        _check(
+            not self.checkpoint_every_n_steps or self.stream_store,
+            "pretrain.checkpoint_every_n_steps",
+            "needs pretrain.stream_store=true: only the image store's loader can resume mid-epoch "
+            "(the validated arrays resume at an epoch's end)",
+        )
         _check(
             self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
             "pretrain.max_steps_per_epoch",
@@ -400,6 +410,7 @@ class PretrainConfig:
             "epochs",
             "resume",
             "checkpoint_dir",
+            "checkpoint_every_n_steps",
             "accelerator",
             "devices",
             "num_nodes",

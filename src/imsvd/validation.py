@@ -339,6 +339,9 @@ def staged_folder(target: Path) -> Iterator[Path]:
         logger.info("removing %s, left by an interrupted run", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the published folder
     try:
         yield staging
         previous = None

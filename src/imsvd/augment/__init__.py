@@ -19,6 +19,7 @@ from imsvd.augment.pairs import (
     CachedPairDataset,
     OnTheFlyPairDataset,
     Pair,
+    StorePairs,
     pair_dataset,
     pair_indices,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "MultiViewTransform",
     "OnTheFlyPairDataset",
     "Pair",
+    "StorePairs",
     "ViewCache",
     "augment_images",
     "build_view_cache",

@@ -1,7 +1,8 @@
 """Pair datasets: two views of the same image per sample, a fresh pair each epoch.
 
 :class:`CachedPairDataset` picks two different stored views from the view cache;
-:class:`OnTheFlyPairDataset` draws both with the recipe (the reference's way). Both draw
+:class:`OnTheFlyPairDataset` draws both with the recipe (the reference's way);
+:class:`StorePairs` draws both from the image store's images at their own size. All draw
 from ``(seed, epoch, index)`` only, so any DataLoader worker yields the same pairs.
 """
 
@@ -10,15 +11,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from litdata import StreamingDataset
 from torch.utils.data import Dataset, get_worker_info
 
 from imsvd.augment.cache import open_view_cache
 from imsvd.augment.recipe import draw_seed, image_tensor, view_transform
 from imsvd.config import AugmentConfig
 from imsvd.errors import DataError
+from imsvd.store import decode_stored
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +130,37 @@ class OnTheFlyPairDataset(_EpochPairs):
         with scope:
             torch.manual_seed(draw_seed(self.seed, self.epoch, index))
             return self.transform(image), self.transform(image)
+
+
+class StorePairs(StreamingDataset):
+    """Pairs of views drawn on the fly from the store's images at their own size.
+
+    A litdata ``StreamingDataset``: the shards are spread over DDP ranks and DataLoader
+    workers by litdata, and the loader's position is part of its state (see
+    :func:`store_loader`). Each view is the recipe's RandomResizedCrop of the whole stored
+    image, so crops sample the original resolution (the reference's ImageNet way). A pair
+    is drawn under a seed of ``(seed, epoch, item)``.
+
+    Args:
+        directory: a split's litdata folder (:func:`imsvd.store.split_directory`).
+        cfg: the augmentation recipe (``views``, ``workers`` and ``cache_dir`` are ignored).
+        channels: channels of the stored images (1 or 3).
+        seed: seeds the shuffle and the views.
+    """
+
+    def __init__(self, directory: Path, cfg: AugmentConfig, channels: int, seed: int) -> None:
+        super().__init__(str(directory), shuffle=True, drop_last=True, seed=seed)
+        self.view_seed = seed
+        self.draw_view = view_transform(cfg, channels)
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        item = super().__getitem__(index)
+        image = image_tensor(decode_stored(item["image"]))
+        position = int(getattr(index, "index", index))
+        scope = contextlib.nullcontext() if get_worker_info() else torch.random.fork_rng(devices=[])
+        with scope:
+            torch.manual_seed(draw_seed(self.view_seed, self.current_epoch, position))
+            return self.draw_view(image), self.draw_view(image)
 
 
 def pair_dataset(

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
 from imsvd.checkpoints import load_weights
@@ -153,6 +154,22 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader:
             f"pretrain.batch_size={cfg.batch_size} (the global batch) does not split evenly over "
             f"{world} processes (nodes x devices); choose a multiple of {world}"
         )
+    if isinstance(dataset, StreamingDataset):
+        if world > 1:
+            raise ConfigError(
+                "pretrain.stream_store trains on one process for now: set pretrain.devices=1 "
+                "and pretrain.num_nodes=1, or read the validated arrays (stream_store: false)"
+            )
+        # litdata's loader: it shards the store over the workers (and would over ranks) and
+        # has a state_dict, which Lightning keeps in every checkpoint.
+        return StreamingDataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            worker_init_fn=ignore_interrupts if cfg.num_workers else None,
+            pin_memory=torch.cuda.is_available(),
+        )
     size = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
         dataset,
@@ -202,6 +219,20 @@ def make_callbacks(
         # Two callbacks: Lightning's save_last only writes when the monitored loss improved,
         # but a rerun must resume from the last complete epoch whatever its loss.
         ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_epochs=1, enable_version_counter=False),
+        # Mid-epoch too when asked (image store only: litdata's loader state is in the
+        # checkpoint, so a resumed run continues the epoch where the loader stopped).
+        *(
+            [
+                ModelCheckpoint(
+                    dirpath=ckpt_dir,
+                    filename="last",
+                    every_n_train_steps=cfg.checkpoint_every_n_steps,
+                    enable_version_counter=False,
+                )
+            ]
+            if cfg.checkpoint_every_n_steps
+            else []
+        ),
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best",
@@ -297,7 +328,7 @@ def pretrain(
     Args:
         train_dataset: yields ``(view1, view2)`` uint8 (C, H, W) tensors and has
             ``set_epoch(epoch)`` (see :mod:`imsvd.augment.pairs`).
-        view_source: ``"cache"`` or ``"on-the-fly"`` (logged).
+        view_source: ``"cache"``, ``"on-the-fly"`` or ``"image store"`` (logged).
         in_channels, mean, std: image channels and per-channel normalisation.
         cfg: pretraining parameters.
         identity: parameters/data identity (checkpoints are resumed only on a match).

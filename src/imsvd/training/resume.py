@@ -82,6 +82,17 @@ def resume_checkpoint(cfg: PretrainConfig, identity: RunIdentity) -> tuple[Path,
     if stored.get("params_hash") != identity.params_hash:
         log.warning("checkpoint %s was made with different parameters: starting fresh", path)
         return None
+    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    if batches.get("is_last_batch") is False:  # a mid-epoch checkpoint (checkpoint_every_n_steps)
+        epoch = int(checkpoint.get("epoch", 0))
+        log.info(
+            "resuming from %s in the middle of epoch %d, after step %d: the image store's loader "
+            "continues where it stopped",
+            path,
+            epoch + 1,
+            int(checkpoint.get("global_step", 0)),
+        )
+        return path, epoch
     epoch = int(checkpoint.get("epoch", -1)) + 1
     if epoch >= cfg.epochs:
         log.info("checkpoint %s already completed %d epochs", path, epoch)

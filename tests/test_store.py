@@ -1,0 +1,265 @@
+"""The image store (litdata shards of encoded images at their own size), and pretraining
+that streams it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_STEPS_PER_EPOCH, copy_project, kedro, tiny_params, tiny_tree, write_image
+from imsvd.augment import StorePairs
+from imsvd.checkpoints import load_weights
+from imsvd.config import AugmentConfig, DataConfig
+from imsvd.data import ImageData
+from imsvd.errors import DataError
+from imsvd.sources import load_source, to_canonical_array
+from imsvd.store import decode_stored, read_split, split_directory, write_image_store
+
+
+def noise_images(n: int, side: int = 8, channels: int = 1, seed: int = 0) -> ImageData:
+    rng = np.random.default_rng(seed)
+    return ImageData(
+        images=rng.integers(0, 256, (n, side, side, channels), dtype=np.uint8),
+        labels=np.arange(n) % 3,
+        splits=np.where(np.arange(n) < n * 2 // 3, "train", "test"),
+        ids=np.asarray([f"noise/{i}" for i in range(n)]),
+        class_names=("a", "b", "c"),
+    )
+
+
+def test_an_array_store_holds_every_image_in_order_with_its_shard(tmp_path):
+    data = noise_images(300)
+    index = write_image_store(data, tmp_path / "store", chunk_bytes="16KB")
+    shards = index.pop("shards")
+    assert index["splits"]["train"]["images"] == 200 and index["splits"]["test"]["images"] == 100
+    assert index["splits"]["train"]["chunks"] > 1  # small chunks: the shard column is not trivial
+    assert index["png_files"] == 300 and index["fingerprint"] == data.fingerprint
+    position = 0
+    for split in ("train", "test"):
+        items = read_split(tmp_path / "store" / split)
+        chunks = json.loads((tmp_path / "store" / split / "index.json").read_text())["chunks"]
+        expected = [f"{split}/{c['filename']}" for c in chunks for _ in range(c["chunk_size"])]
+        for item, shard in zip(items, expected, strict=True):
+            assert item["id"] == data.ids[position] and item["label"] == data.labels[position]
+            np.testing.assert_array_equal(decode_stored(item["image"]), data.images[position])
+            assert shards[position] == shard
+            position += 1
+        assert index["splits"][split]["bytes"] == sum(
+            (tmp_path / "store" / split / c["filename"]).stat().st_size for c in chunks
+        )
+    assert position == 300
+
+
+def test_a_folder_store_keeps_jpeg_and_png_bytes_and_converts_the_rest_at_their_own_size(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "photos"
+    files = {
+        "train/cat/a.jpg": ((30, 20), None, True),
+        "train/cat/b.png": ((12, 9), None, True),
+        "train/dog/c.png": ((16, 24), "P", False),  # palette: expanded to RGB
+        "train/dog/d.png": ((10, 10), "RGBA", False),  # alpha dropped
+        "test/cat/e.bmp": ((14, 18), None, False),  # another format
+        "test/dog/f.png": ((9, 13), None, True),
+    }
+    for name, ((h, w), mode, _) in files.items():
+        write_image(root / name, rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mode)
+    source = load_source(DataConfig(source="image_folder", path=str(root)))
+    index = write_image_store(source.data, tmp_path / "store", folder=root)
+    assert (index["kept_files"], index["png_files"]) == (3, 3)
+    stored = {
+        item["id"]: item["image"]
+        for split in ("train", "test")
+        for item in read_split(tmp_path / "store" / split)
+    }
+    assert set(stored) == set(files)
+    for name, ((h, w), _, kept) in files.items():
+        if kept:
+            assert stored[name] == (root / name).read_bytes()
+        with Image.open(root / name) as img:
+            expected = to_canonical_array(img)
+        decoded = decode_stored(stored[name])
+        assert decoded.shape == (h, w, 3)  # its own size, not the folder's common one
+        if name.endswith(".jpg"):
+            np.testing.assert_array_equal(decoded, np.asarray(Image.open(root / name).convert("RGB")))
+        else:
+            np.testing.assert_array_equal(decoded, expected)
+
+
+def test_a_file_changed_into_garbage_after_validation_is_named(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "photos"
+    for name in ("train/cat/a.gif", "train/cat/b.gif", "test/cat/c.gif"):
+        write_image(root / name, rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "P")
+    source = load_source(DataConfig(source="image_folder", path=str(root)))
+    (root / "train/cat/b.gif").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"train/cat/b\.gif"):
+        write_image_store(source.data, tmp_path / "store", folder=root)
+    assert not (tmp_path / "store").exists()
+    assert not list(tmp_path.glob(".store.*"))  # no staging folder left behind
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import numpy as np
+    from imsvd.data import ImageData
+    from imsvd.store import write_image_store
+
+    n, seed = int(sys.argv[2]), int(sys.argv[3])
+    rng = np.random.default_rng(seed)
+    data = ImageData(
+        rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8), np.zeros(n, np.int64),
+        np.where(np.arange(n) % 4, "train", "test"), np.asarray([f"x/{i}" for i in range(n)]), ("a",),
+    )
+    print("writing", flush=True)
+    write_image_store(data, Path(sys.argv[1]), chunk_bytes="256KB")
+    """
+)
+
+
+def test_a_store_write_killed_halfway_leaves_the_previous_store_and_a_rerun_finishes(tmp_path):
+    target = tmp_path / "store"
+
+    def writer(n: int, seed: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(target), str(n), str(seed)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    assert writer(40, 0).wait(timeout=120) == 0
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+    big = writer(6000, 1)  # about 75 MB of noise PNGs: seconds of writing
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".store.*.tmp/train/*.bin")):  # a chunk of the new store exists
+        assert big.poll() is None and time.monotonic() < deadline, "the writer ended too soon"
+        time.sleep(0.05)
+    os.kill(big.pid, signal.SIGKILL)
+    big.wait(timeout=30)
+    after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before
+
+    assert writer(50, 2).wait(timeout=120) == 0
+    assert len(read_split(target / "train")) == 37
+    assert not list(tmp_path.glob(".store.*"))  # the killed run's staging folder is gone
+
+
+def test_the_store_refuses_to_be_read_for_other_data(tmp_path):
+    data = noise_images(30)
+    index = write_image_store(data, tmp_path / "store")
+    index.pop("shards")
+    assert split_directory(index, "train", data.fingerprint) == tmp_path / "store" / "train"
+    with pytest.raises(DataError, match=r"kedro run --pipeline=validate"):
+        split_directory(None, "train", data.fingerprint)
+    with pytest.raises(DataError, match=r"not the data the last validation"):
+        split_directory(index, "train", noise_images(30, seed=1).fingerprint)
+
+
+def test_store_pairs_crop_each_image_at_its_own_size_and_repeat_under_a_seed(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "photos"
+    for i, (h, w) in enumerate([(40, 25), (17, 33), (64, 64), (20, 20)]):
+        write_image(root / f"train/c/{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    write_image(root / "test/c/t.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    source = load_source(DataConfig(source="image_folder", path=str(root)))
+    write_image_store(source.data, tmp_path / "store", folder=root)
+    cfg = AugmentConfig(size=12)
+    first = StorePairs(tmp_path / "store" / "train", cfg, 3, seed=5)
+    again = StorePairs(tmp_path / "store" / "train", cfg, 3, seed=5)
+    for i in range(len(first)):
+        a, b = first[i]
+        assert a.shape == b.shape == (3, 12, 12) and a.dtype == torch.uint8
+        assert not torch.equal(a, b)  # two draws
+        a2, b2 = again[i]
+        assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def test_pretraining_streams_the_store_of_a_folder_of_mixed_sizes_and_resumes(tmp_path, in_process):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "photos"
+    for split, count in (("train", 24), ("test", 6)):
+        for cls in ("cat", "dog"):
+            for i in range(count):
+                h, w = rng.integers(12, 40, size=2)
+                level = rng.integers(30, 220)
+                pixels = np.clip(level + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+                write_image(root / split / cls / f"{i}.{'jpg' if i % 2 else 'png'}", pixels)
+    project = copy_project(tmp_path / "project")
+    params = tiny_tree(pretrain__stream_store="true", pretrain__num_workers="2", pretrain__batch_size="8")
+    params["data"] = {"source": "image_folder", "path": str(root)}
+    in_process(project, "validate", params)
+    in_process(project, "pretrain", params)
+    encoder = load_weights(project / "data/06_models/encoder.pt")
+    assert encoder["view_source"] == "image store"
+    last = load_weights(project / "data/06_models/checkpoints/last.ckpt")
+    # Lightning keeps litdata's loader state in the checkpoint: where the stream stopped.
+    loader_state = last["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["dataset"]["input_dir_path"].endswith("image_store/train")
+    assert last["epoch"] == 1 and last["global_step"] == 2 * TINY_STEPS_PER_EPOCH
+
+    params["pretrain"]["epochs"] = 3
+    in_process(project, "pretrain", params)
+    resumed = load_weights(project / "data/06_models/checkpoints/last.ckpt")
+    assert resumed["global_step"] == 3 * TINY_STEPS_PER_EPOCH
+    history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3 * TINY_STEPS_PER_EPOCH
+
+
+def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path, in_process):
+    from test_faults import KedroProcess
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "photos"
+    for split, count in (("train", 40), ("test", 5)):
+        for cls in ("cat", "dog"):
+            for i in range(count):
+                h, w = rng.integers(12, 40, size=2)
+                level = rng.integers(30, 220)
+                pixels = np.clip(level + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+                write_image(root / split / cls / f"{i}.png", pixels)
+    project = copy_project(tmp_path / "project")
+    in_process(project, "validate", {"data": {"source": "image_folder", "path": str(root)}})
+    steps = 10  # 80 training images in batches of 8
+    args = (
+        "run",
+        "--pipeline=pretrain",
+        "--params",
+        tiny_params(
+            data__source="image_folder",
+            data__path=str(root),
+            pretrain__stream_store="true",
+            pretrain__num_workers="2",
+            pretrain__batch_size="8",
+            pretrain__epochs="1",
+            pretrain__max_steps_per_epoch=str(steps),
+            pretrain__checkpoint_every_n_steps="3",
+        ),
+    )
+    run = KedroProcess(project, *args)
+    run.wait_for("epoch 1/1 step 7 ")  # the step-6 checkpoint is written
+    run.signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    killed = load_weights(project / "data/06_models/checkpoints/last.ckpt")
+    assert killed["global_step"] == 6
+    assert killed["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["num_samples_yielded"] >= 48
+
+    rerun = kedro(project, *args)
+    assert "in the middle of epoch 1, after step 6" in rerun.stdout + rerun.stderr
+    done = load_weights(project / "data/06_models/checkpoints/last.ckpt")
+    assert done["global_step"] == steps
+    # The loader went on from the 48 samples it had yielded, not from the epoch's start.
+    assert done["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["num_samples_yielded"] == 80
+    history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
+    assert len(history) == 1 + steps
