@@ -263,3 +263,34 @@ def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path
     assert done["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["num_samples_yielded"] == 80
     history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
     assert len(history) == 1 + steps
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_each_stream_their_own_half_of_the_store(tmp_path):
+    from imsvd.config import IMSVDConfig, PretrainConfig
+    from imsvd.training import RunIdentity, pretrain
+
+    data = noise_images(96, side=10)  # 64 training images
+    write_image_store(data, tmp_path / "store", chunk_bytes="4KB")  # several chunks to share out
+    aug = AugmentConfig(size=8)
+    dataset = StorePairs(tmp_path / "store" / "train", aug, 1, seed=0)
+    cfg = PretrainConfig(
+        width=0.125,
+        projector="64-64",
+        imsvd=IMSVDConfig(bin_size=16),
+        epochs=1,
+        batch_size=16,
+        stream_store=True,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        accelerator="cpu",
+        devices="2",
+        resume=False,
+    )
+    identity = RunIdentity.of(cfg, aug, data.fingerprint)
+    result = pretrain(dataset, "image store", 1, [0.5], [0.25], cfg, identity)
+    assert result.history["step"].tolist() == [1.0, 2.0, 3.0, 4.0]  # 64 pairs in global batches of 16
+    state = load_weights(tmp_path / "ckpt" / "last.ckpt")["loops"]["fit_loop"]["state_dict"]
+    loader = state["combined_loader"][0]
+    # Rank 0 (the one that checkpoints) saw half of the epoch, in batches of 8.
+    assert loader["dataset"]["world_size"] == 2
+    assert loader["num_samples_yielded"] == 32 and loader["dataset"]["batch_size"] == 8

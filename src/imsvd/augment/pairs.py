@@ -150,8 +150,15 @@ class StorePairs(StreamingDataset):
 
     def __init__(self, directory: Path, cfg: AugmentConfig, channels: int, seed: int) -> None:
         super().__init__(str(directory), shuffle=True, drop_last=True, seed=seed)
+        self.args = (directory, cfg, channels, seed)
         self.view_seed = seed
         self.draw_view = view_transform(cfg, channels)
+
+    def fresh(self) -> StorePairs:
+        """The same dataset, built anew. litdata reads the DDP ranks when a dataset is built,
+        so each rank builds its own once its process group exists (see
+        :class:`imsvd.training.loop.StoreLoader`)."""
+        return StorePairs(*self.args)
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
         item = super().__getitem__(index)

@@ -23,9 +23,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from litdata import StreamingDataLoader, StreamingDataset
+from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset
 
+from imsvd.augment import StorePairs
 from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
 from imsvd.distributed import SharedShuffle, SyncBatchNormPlugin, is_writer, launched
@@ -141,12 +142,14 @@ def world_size(cfg: PretrainConfig) -> int:
     return nodes * (devices if isinstance(devices, int) else 1)
 
 
-def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader:
+def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoader:
     """Batches of ``batch_size / world size`` pairs per process, reshuffled each epoch.
 
     ``pretrain.batch_size`` is the global batch whatever the world size, so the learning
     rate (scaled by it) and the steps per epoch stay those of one process, and the
-    global batches are those of one process too (:class:`SharedShuffle`).
+    global batches are those of one process too (:class:`SharedShuffle`). The image
+    store's pairs get litdata's loader instead (:class:`StoreLoader`), which splits the
+    store over the processes itself.
     """
     world = world_size(cfg)
     if cfg.batch_size % world:
@@ -154,22 +157,8 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader:
             f"pretrain.batch_size={cfg.batch_size} (the global batch) does not split evenly over "
             f"{world} processes (nodes x devices); choose a multiple of {world}"
         )
-    if isinstance(dataset, StreamingDataset):
-        if world > 1:
-            raise ConfigError(
-                "pretrain.stream_store trains on one process for now: set pretrain.devices=1 "
-                "and pretrain.num_nodes=1, or read the validated arrays (stream_store: false)"
-            )
-        # litdata's loader: it shards the store over the workers (and would over ranks) and
-        # has a state_dict, which Lightning keeps in every checkpoint.
-        return StreamingDataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            drop_last=True,
-            worker_init_fn=ignore_interrupts if cfg.num_workers else None,
-            pin_memory=torch.cuda.is_available(),
-        )
+    if isinstance(dataset, StorePairs):
+        return StoreLoader(dataset, cfg.batch_size // world, cfg.num_workers)
     size = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
         dataset,
@@ -181,6 +170,38 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader:
         worker_init_fn=ignore_interrupts if cfg.num_workers else None,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class StoreLoader(L.LightningDataModule):
+    """The image store's loader, built inside each training process.
+
+    litdata's ``StreamingDataset`` reads the DDP ranks when it is built, and spawned or
+    launched ranks exist only once the trainer has started; Lightning calls
+    ``train_dataloader`` in each of them then. litdata's ``StreamingDataLoader`` shards the
+    store over the ranks and workers and has a ``state_dict``, which Lightning keeps in
+    every checkpoint, so a resumed run continues where the loader stopped.
+
+    Args:
+        dataset: the pairs (rebuilt per process with :meth:`StorePairs.fresh`).
+        batch_size: pairs per process (the global batch over the world size).
+        num_workers: DataLoader workers per process.
+    """
+
+    def __init__(self, dataset: StorePairs, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        return StreamingDataLoader(
+            self.dataset.fresh(),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=True,
+            worker_init_fn=ignore_interrupts if self.num_workers else None,
+            pin_memory=torch.cuda.is_available(),
+        )
 
 
 def steps_per_epoch(dataset: Dataset, cfg: PretrainConfig) -> int:
@@ -275,7 +296,9 @@ def make_trainer(
     )
 
 
-def fit(trainer: L.Trainer, module: PretrainModule, loader: DataLoader, resume: Path | None) -> float:
+def fit(
+    trainer: L.Trainer, module: PretrainModule, loader: DataLoader | StoreLoader, resume: Path | None
+) -> float:
     """Run ``trainer.fit``; an interruption fails as a :class:`TrainingError`. Returns seconds.
 
     Lightning turns SIGTERM into SystemExit(None) (exit status 0) and Ctrl-C into
@@ -290,6 +313,9 @@ def fit(trainer: L.Trainer, module: PretrainModule, loader: DataLoader, resume: 
             # on the batch gathered from all ranks, the monitor on the same slice), so the
             # extra all-reduce per value that Lightning recommends would change nothing.
             warnings.filterwarnings("ignore", message=r".*recommended to use `self\.log\(.*sync_dist=True")
+            # The image store comes as a LightningDataModule; the module's own batch hook
+            # (normalisation on the device) is the one meant to run.
+            warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`")
             trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
     except SystemExit as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, SIGTERMException) else "interrupted (Ctrl-C)"
