@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -155,6 +156,13 @@ def load_every_output(project: Path) -> list[str]:
         elif path.suffix == ".json":
             assert isinstance(value, dict), path
         loaded.append(name)
+    store = project / "data/03_primary/image_store.json"
+    if store.is_file():  # the store it indexes is whole: every split reads back in full
+        from imsvd.store import read_split
+
+        splits = json.loads(store.read_text())["splits"]
+        for split, summary in splits.items():
+            assert len(read_split(project / "data/03_primary/image_store" / split)) == summary["images"]
     for ckpt in sorted((project / CHECKPOINTS).glob("*.ckpt")):
         assert "global_step" in load_weights(ckpt), ckpt
         loaded.append(ckpt.name)
@@ -174,7 +182,11 @@ def stray_files(project: Path) -> list[Path]:
         relative = path.relative_to(project / "data").parts
         if not path.is_file() or any(part.startswith(".") for part in relative) or path in known:
             continue
-        if relative[:2] in {("08_reporting", "data_docs"), ("05_model_input", "view_cache")}:
+        if relative[:2] in {
+            ("08_reporting", "data_docs"),
+            ("05_model_input", "view_cache"),
+            ("03_primary", "image_store"),
+        }:
             continue
         if path.parent == project / CHECKPOINTS and path.suffix == ".ckpt":
             continue

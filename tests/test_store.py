@@ -165,6 +165,11 @@ def test_the_store_refuses_to_be_read_for_other_data(tmp_path):
         split_directory(None, "train", data.fingerprint)
     with pytest.raises(DataError, match=r"not the data the last validation"):
         split_directory(index, "train", noise_images(30, seed=1).fingerprint)
+    # The folder replaced by other data while the index stayed (a kill between the two).
+    other = noise_images(30, seed=2)
+    write_image_store(other, tmp_path / "store")
+    with pytest.raises(DataError, match=r"holds other data than its index says"):
+        split_directory(index, "train", data.fingerprint)
 
 
 def test_store_pairs_crop_each_image_at_its_own_size_and_repeat_under_a_seed(tmp_path):

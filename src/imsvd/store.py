@@ -10,6 +10,7 @@ and mosaicml-streaming brings its own launcher conventions.
 Layout (``data/03_primary/image_store`` by default)::
 
     image_store/
+      store.json  the version and the fingerprint of the data it holds
       train/   index.json, chunk-0-0.bin, chunk-0-1.bin ...   (one litdata dataset)
       test/    index.json, chunk-0-0.bin ...
 
@@ -50,6 +51,8 @@ CHUNK_BYTES = "64MB"
 # Files whose bytes go into the store unchanged (Pillow format names).
 KEPT_FORMATS = ("JPEG", "PNG")
 KEPT_MODES = ("L", "RGB")
+# The store folder's own record of its version and data.
+STAMP = "store.json"
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -154,6 +157,9 @@ def write_image_store(
                 continue
             shards, splits[split] = _write_split(staging / split, items(positions), chunk_bytes)
             shard_of[positions] = shards
+        # The folder names its own data: a run killed after the folder was replaced but
+        # before image_store.json was saved leaves an index that no longer matches it.
+        (staging / STAMP).write_text(json.dumps({"version": STORE_VERSION, "fingerprint": data.fingerprint}))
     logger.info(
         "image store %s: %s images (%d files kept as they were, %d stored as PNG)",
         target,
@@ -188,7 +194,17 @@ def split_directory(index: dict[str, Any] | None, split: str, fingerprint: str) 
             f"the image store {index.get('directory')} is not the data the last validation "
             "accepted: run `kedro run --pipeline=validate` again"
         )
-    directory = Path(str(index["directory"])) / split
+    root = Path(str(index["directory"]))
+    try:
+        stamp = json.loads((root / STAMP).read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    if stamp.get("fingerprint") != fingerprint:
+        raise DataError(
+            f"the image store {root} holds other data than its index says: "
+            "run `kedro run --pipeline=validate` again"
+        )
+    directory = root / split
     if split not in index.get("splits", {}) or not (directory / "index.json").is_file():
         raise DataError(f"the image store has no {split} split at {directory}")
     return directory
