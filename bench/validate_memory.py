@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import check_imports, export_project, import_paths  # noqa: E402
+from scale_bench import measure  # noqa: E402
 
 
 def make_folder(root: Path, n: int, side: int = 256) -> Path:
@@ -55,34 +52,7 @@ def run_validate(project: Path, folder: Path) -> dict[str, float]:
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
     env["PYTHONPATH"] = os.pathsep.join(import_paths(project))
     command = [sys.executable, "-m", "kedro", "run", "--pipeline=validate", "--params", params]
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    peak = {"pss": 0.0, "rss": 0.0, "processes": 0.0}
-
-    def sample() -> None:
-        parent = psutil.Process(process.pid)
-        while process.poll() is None:
-            try:
-                tree = [parent, *parent.children(recursive=True)]
-                pss = sum(p.memory_full_info().pss for p in tree) / 2**20
-                rss = sum(p.memory_info().rss for p in tree) / 2**20
-            except psutil.Error:
-                continue
-            peak["pss"] = max(peak["pss"], pss)
-            peak["rss"] = max(peak["rss"], rss)
-            peak["processes"] = max(peak["processes"], len(tree))
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    output, _ = process.communicate()
-    watcher.join()
-    seconds = time.perf_counter() - start
-    if process.returncode != 0:
-        raise SystemExit(f"validate failed in {project}:\n{output.decode()[-3000:]}")
-    return {"seconds": seconds, **peak}
+    return measure(command, project, env)
 
 
 def main() -> int:

@@ -1,0 +1,169 @@
+"""Every stage on a synthetic folder of photos of many sizes: wall time, throughput and peak
+memory, measured from outside the process tree.
+
+    python bench/scale_bench.py --images 20000 200000
+
+The folder (seeded smooth colour pictures, each side drawn between 64 and 512 pixels, JPEG
+and PNG alternating, 10 class folders, a fifth of them under test/) is made once per size
+under ``--folder`` and reused. The project is exported at ``--commit`` into a temporary
+folder. Each stage is one ``kedro run --pipeline=<stage>``: ``validate``, ``augment``
+(views of 64x64), one epoch of ``pretrain`` capped at ``--steps`` steps, streaming the
+image store, and ``evaluate``. Memory is the peak, sampled every 0.2 s, of the sum of PSS
+over the process tree (shared pages counted once). The decode rate of the cores is measured
+first: one process decoding a sample of the folder's files, times the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_methods import check_imports, export_project, import_paths  # noqa: E402
+
+STAGES = ("validate", "augment", "pretrain", "evaluate")
+
+
+def make_folder(root: Path, n: int, seed: int = 0) -> Path:
+    """``n`` seeded pictures with sides between 64 and 512, JPEG (quality 90) and PNG."""
+    marker = root / f".complete-{n}"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        split = "test" if (i // 10) % 5 == 4 else "train"  # every class in both splits
+        folder = root / split / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        height, width = (int(s) for s in rng.integers(64, 513, size=2))
+        coarse = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8))
+        picture = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+        picture = np.clip(picture + rng.integers(-8, 8, size=picture.shape), 0, 255).astype(np.uint8)
+        if i % 2:
+            Image.fromarray(picture).save(folder / f"{i:07d}.png", optimize=False)
+        else:
+            Image.fromarray(picture).save(folder / f"{i:07d}.jpg", quality=90)
+        if i and i % 10000 == 0:
+            print(f"  made {i:,} images", flush=True)
+    marker.touch()
+    return root
+
+
+def decode_rate(root: Path, sample: int = 300) -> float:
+    """Files per second one process fully decodes, on a sample of the folder."""
+    files = sorted(root.rglob("*.jpg"))[: sample // 2] + sorted(root.rglob("*.png"))[: sample // 2]
+    start = time.perf_counter()
+    for path in files:
+        with Image.open(path) as img:
+            img.load()
+    return len(files) / (time.perf_counter() - start)
+
+
+def measure(command: list[str], cwd: Path, env: dict[str, str]) -> dict[str, float]:
+    """Run ``command``: its wall seconds, and the peaks (MiB) over its process tree of the
+    summed PSS (shared pages counted once) and the summed RSS (what ``top`` adds up)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak = {"pss": 0.0, "rss": 0.0, "processes": 0.0}
+
+    def sample() -> None:
+        parent = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                pss = sum(p.memory_full_info().pss for p in tree) / 2**20
+                rss = sum(p.memory_info().rss for p in tree) / 2**20
+            except psutil.Error:
+                continue
+            peak["pss"] = max(peak["pss"], pss)
+            peak["rss"] = max(peak["rss"], rss)
+            peak["processes"] = max(peak["processes"], len(tree))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    output, _ = process.communicate()
+    watcher.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command[-3:])} failed in {cwd}:\n{output.decode()[-3000:]}")
+    return {"seconds": time.perf_counter() - start, **peak}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, nargs="+", default=[20_000, 200_000])
+    parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "imsvd-scale-bench")
+    parser.add_argument("--commit", default="HEAD")
+    parser.add_argument("--steps", type=int, default=50, help="pretraining steps (one capped epoch)")
+    parser.add_argument("--views", type=int, default=2, help="views per image in the cache")
+    args = parser.parse_args()
+
+    cores = len(os.sched_getaffinity(0))
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        project = Path(work) / "project"
+        commit = export_project(project, args.commit)
+        check_imports(project)
+        env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(import_paths(project))
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+        for n in args.images:
+            folder = make_folder(args.folder / str(n), n)
+            rate = decode_rate(folder)
+            print(
+                f"{n:,} images in {folder}; one process decodes {rate:.0f} files/s, {cores} cores {rate * cores:.0f}/s"
+            )
+            params = ",".join(
+                [
+                    "data.source=image_folder",
+                    f"data.path={folder}",
+                    "augment.size=64",
+                    f"augment.views={args.views}",
+                    "pretrain.epochs=1",
+                    f"pretrain.max_steps_per_epoch={args.steps}",
+                    "pretrain.stream_store=true",
+                    f"pretrain.num_workers={cores}",
+                    "pretrain.resume=false",
+                    "pretrain.monitor.every_n_steps=0",
+                ]
+            )
+            for stage in STAGES:
+                command = [sys.executable, "-m", "kedro", "run", f"--pipeline={stage}", "--params", params]
+                result = measure(command, project, env)
+                count = args.steps * 256 if stage == "pretrain" else n
+                rows.append((n, stage, result, count))
+                print(
+                    f"  {stage:<9} {result['seconds']:7.0f} s  {count / result['seconds']:8.0f} images/s  "
+                    f"peak PSS {result['pss'] / 1024:6.2f} GiB  ({result['processes']:.0f} processes)",
+                    flush=True,
+                )
+    print(f"\ncommit {commit}, {cores} cores; pretrain: {args.steps} steps of 256 pairs, views 64x64")
+    print("| images | stage | wall s | images/s | peak PSS of the tree GiB |")
+    print("|---|---|---|---|---|")
+    for n, stage, r, count in rows:
+        print(
+            f"| {n:,} | {stage} | {r['seconds']:.0f} | {count / r['seconds']:.0f} | {r['pss'] / 1024:.2f} |"
+        )
+    sizes = sorted({n for n, *_ in rows})
+    if len(sizes) == 2:
+        small, large = sizes
+        for stage in STAGES:
+            a = next(r for n, s, r, _ in rows if n == small and s == stage)
+            b = next(r for n, s, r, _ in rows if n == large and s == stage)
+            print(f"{stage}: peak PSS at {large:,} / at {small:,} = x{b['pss'] / a['pss']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
