@@ -194,11 +194,13 @@ class StoreLoader(L.LightningDataModule):
         self.num_workers = num_workers
 
     def train_dataloader(self) -> StreamingDataLoader:
+        dataset = self.dataset.fresh()
         return StreamingDataLoader(
-            self.dataset.fresh(),
+            dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            drop_last=True,
+            # As for the arrays: fewer images than a batch still make one (smaller) batch.
+            drop_last=len(dataset) >= self.batch_size,
             worker_init_fn=ignore_interrupts if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
         )
