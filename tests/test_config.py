@@ -182,7 +182,7 @@ def test_the_fashion_mnist_environment_changes_only_what_it_names():
     check_sections(fashion)
     assert fashion["data"]["source"] == "fashion_mnist"
     assert fashion["data"]["path"] == "/usr/share/datasets/fashion-mnist"
-    assert fashion["pretrain"]["imsvd"]["bin_size"] == 16 and fashion["augment"]["size"] == 28
+    assert fashion["pretrain"]["imsvd"]["bin_size"] == 8 and fashion["augment"]["size"] == 28
     # merged key by key: what the environment does not name keeps base's value
     assert fashion["pretrain"]["imsvd"]["temperature"] == base["pretrain"]["imsvd"]["temperature"]
     assert fashion["pretrain"]["base_lr"] == base["pretrain"]["base_lr"]
