@@ -110,6 +110,42 @@ def check_imports(project: Path) -> None:
         raise SystemExit(f"the export at {project} would import {outside} from outside it")
 
 
+def measure(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[dict[str, float], int, str]:
+    """Run ``command`` and sample its process tree every 0.2 s from outside.
+
+    Returns:
+        The figures (wall ``seconds``; the peaks, in MiB, of the tree's summed ``pss``, shared
+        pages counted once, and summed ``rss``, what ``top`` adds up; the most
+        ``processes``), the exit status, and the merged stdout and stderr.
+    """
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    peak = {"pss": 0.0, "rss": 0.0, "processes": 0.0}
+
+    def sample() -> None:
+        parent = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                pss = sum(p.memory_full_info().pss for p in tree) / 2**20
+                rss = sum(p.memory_info().rss for p in tree) / 2**20
+            except psutil.Error:
+                pass
+            else:
+                peak["pss"] = max(peak["pss"], pss)
+                peak["rss"] = max(peak["rss"], rss)
+                peak["processes"] = max(peak["processes"], len(tree))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    output, _ = process.communicate()
+    watcher.join()
+    return {"seconds": time.perf_counter() - start, **peak}, process.returncode, output
+
+
 class Diverged(RuntimeError):
     """Pretraining stopped on a non-finite loss."""
 
@@ -124,31 +160,12 @@ def kedro(
     command = [sys.executable, "-m", "kedro", "run", f"--pipeline={pipeline}", "--params", text]
     if conf_env:
         command.append(f"--env={conf_env}")
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    peak = [0.0]
-
-    def sample() -> None:
-        parent = psutil.Process(process.pid)
-        while process.poll() is None:
-            try:
-                tree = [parent, *parent.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree) / 2**20)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    output, _ = process.communicate()
-    watcher.join()
-    if process.returncode != 0:
+    figures, code, output = measure(command, project, env)
+    if code != 0:
         if "non-finite loss" in output:
             raise Diverged(output.strip().splitlines()[-1])
         raise SystemExit(f"kedro run --pipeline={pipeline} failed:\n{output[-4000:]}")
-    return time.perf_counter() - start, peak[0]
+    return figures["seconds"], figures["rss"]
 
 
 def main() -> int:

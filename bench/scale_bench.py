@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import check_imports, export_project, import_paths  # noqa: E402
+from compare_methods import check_imports, export_project, import_paths, measure  # noqa: E402
 
 STAGES = ("validate", "augment", "pretrain", "evaluate")
 
@@ -68,34 +65,12 @@ def decode_rate(root: Path, sample: int = 300) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def measure(command: list[str], cwd: Path, env: dict[str, str]) -> dict[str, float]:
-    """Run ``command``: its wall seconds, and the peaks (MiB) over its process tree of the
-    summed PSS (shared pages counted once) and the summed RSS (what ``top`` adds up)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak = {"pss": 0.0, "rss": 0.0, "processes": 0.0}
-
-    def sample() -> None:
-        parent = psutil.Process(process.pid)
-        while process.poll() is None:
-            try:
-                tree = [parent, *parent.children(recursive=True)]
-                pss = sum(p.memory_full_info().pss for p in tree) / 2**20
-                rss = sum(p.memory_info().rss for p in tree) / 2**20
-            except psutil.Error:
-                continue
-            peak["pss"] = max(peak["pss"], pss)
-            peak["rss"] = max(peak["rss"], rss)
-            peak["processes"] = max(peak["processes"], len(tree))
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    output, _ = process.communicate()
-    watcher.join()
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command[-3:])} failed in {cwd}:\n{output.decode()[-3000:]}")
-    return {"seconds": time.perf_counter() - start, **peak}
+def measure_stage(command: list[str], cwd: Path, env: dict[str, str]) -> dict[str, float]:
+    """:func:`compare_methods.measure`, stopping the bench when the stage fails."""
+    figures, code, output = measure(command, cwd, env)
+    if code != 0:
+        raise SystemExit(f"{' '.join(command[-3:])} failed in {cwd}:\n{output[-3000:]}")
+    return figures
 
 
 def main() -> int:
@@ -140,7 +115,7 @@ def main() -> int:
             )
             for stage in STAGES:
                 command = [sys.executable, "-m", "kedro", "run", f"--pipeline={stage}", "--params", params]
-                result = measure(command, project, env)
+                result = measure_stage(command, project, env)
                 count = args.steps * 256 if stage == "pretrain" else n
                 rows.append((n, stage, result, count))
                 print(

@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import check_imports, export_project, import_paths  # noqa: E402
-from scale_bench import measure  # noqa: E402
+from scale_bench import measure_stage  # noqa: E402
 
 
 def make_folder(root: Path, n: int, side: int = 256) -> Path:
@@ -52,7 +52,7 @@ def run_validate(project: Path, folder: Path) -> dict[str, float]:
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
     env["PYTHONPATH"] = os.pathsep.join(import_paths(project))
     command = [sys.executable, "-m", "kedro", "run", "--pipeline=validate", "--params", params]
-    return measure(command, project, env)
+    return measure_stage(command, project, env)
 
 
 def main() -> int:
