@@ -299,3 +299,184 @@ def test_two_ddp_processes_each_stream_their_own_half_of_the_store(tmp_path):
     # Rank 0 (the one that checkpoints) saw half of the epoch, in batches of 8.
     assert loader["dataset"]["world_size"] == 2
     assert loader["num_samples_yielded"] == 32 and loader["dataset"]["batch_size"] == 8
+
+
+def mixed_folder(root, per_class: tuple[int, int] = (16, 5), seed: int = 6):
+    """A labelled folder of JPEG, PNG, palette and RGBA files of many sizes."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        for cls in ("cat", "dog"):
+            for i in range(count):
+                h, w = rng.integers(12, 40, size=2)
+                level = rng.integers(30, 220) if cls == "cat" else rng.integers(0, 90)
+                pixels = np.clip(level + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+                mode, ext = [(None, "png"), (None, "jpg"), ("P", "png"), ("RGBA", "png")][i % 4]
+                write_image(root / split / cls / f"{i}.{ext}", pixels, mode)
+    return root
+
+
+def test_a_folder_above_the_memory_limit_is_streamed_through_every_stage(tmp_path, in_process):
+    root = mixed_folder(tmp_path / "photos")
+    runs = {}
+    for name, limit in (("memory", 2048), ("streamed", 0)):
+        project = copy_project(tmp_path / name)
+        params = tiny_tree(pretrain__num_workers="2", pretrain__batch_size="8")
+        params["data"] = {"source": "image_folder", "path": str(root), "max_in_memory_mb": limit}
+        for pipeline in ("validate", "augment", "pretrain", "evaluate"):
+            in_process(project, pipeline, params)
+        runs[name] = project
+
+    memory, streamed = runs["memory"], runs["streamed"]
+    report = json.loads((streamed / "data/08_reporting/validation.json").read_text())
+    assert report["streamed"] is True and report["success"] is True
+    assert json.loads((memory / "data/08_reporting/validation.json").read_text())["streamed"] is False
+    # The streamed images.npz holds no pixels, only where each image is in the store.
+    with np.load(streamed / "data/03_primary/images.npz") as arrays:
+        assert "images" not in arrays.files and len(arrays["store_position"]) == 42
+    # Same pixels, same digests, same fingerprint, same chunks, either way.
+    a = (memory / "data/03_primary/manifest.csv").read_text()
+    b = (streamed / "data/03_primary/manifest.csv").read_text()
+    assert a == b
+    index = json.loads((streamed / "data/03_primary/image_store.json").read_text())
+    assert index["streamed"] is True and index["directory"] == "data/03_primary/image_store"
+    in_memory = json.loads((memory / "data/03_primary/image_store.json").read_text())
+    # JPEG and L/RGB PNG kept (8 + 3 per class), palette and RGBA converted, as in memory.
+    assert (
+        (index["kept_files"], index["png_files"])
+        == (22, 20)
+        == (in_memory["kept_files"], in_memory["png_files"])
+    )
+    assert index["splits"] == in_memory["splits"]
+    assert not list((streamed / "data/03_primary").glob(".image_store.*"))  # the staging folder was published
+    # Every stage read the store: the raw-pixel baseline sees the same pixels.
+    metrics = {n: json.loads((p / "data/08_reporting/metrics.json").read_text()) for n, p in runs.items()}
+    for key in ("knn_top1_raw_pixels", "linear_top1_raw_pixels"):
+        assert metrics["streamed"][key] == metrics["memory"][key]
+    assert (streamed / "data/08_reporting/variable_attribution.png").stat().st_size > 0
+
+
+CAPPED_KEDRO = textwrap.dedent(
+    """
+    import resource, runpy, sys
+    cap = int(sys.argv[1])
+    if cap:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # inherited by the decoding workers
+    sys.argv = ["kedro", "run", "--pipeline=validate", "--params", sys.argv[2]]
+    try:
+        runpy.run_module("kedro", run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    peak = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmPeak")][0]
+    print("VMPEAK", int(peak) * 1024, flush=True)
+    sys.exit(code)
+    """
+)
+
+
+def capped_validate(project, folder, cap: int, limit_mb: float) -> tuple[int, int, str]:
+    """``kedro run --pipeline=validate`` on ``folder`` with its address space capped at
+    ``cap`` bytes (0: no cap); its exit code, its peak address space, its output."""
+    from conftest import kedro_env
+
+    params = f"data.source=image_folder,data.path={folder},data.workers=2,data.max_in_memory_mb={limit_mb}"
+    run = subprocess.run(
+        [sys.executable, "-c", CAPPED_KEDRO, str(cap), params],
+        cwd=project,
+        env=kedro_env(project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    peaks = [int(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("VMPEAK")]
+    return run.returncode, peaks[0] if peaks else 0, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_validation_streams_a_folder_larger_than_its_memory_cap(tmp_path):
+    # 160 JPEGs of 2048 x 2048 RGB: 1.9 GiB once decoded, a few MB on disk.
+    root = tmp_path / "big"
+    yy, xx = np.mgrid[0:2048, 0:2048]
+    for i in range(160):
+        split, cls = ("test" if i % 8 == 0 else "train"), ("a" if (i // 8) % 2 else "b")
+        wave = (np.sin(xx / (40 + i) + i) * np.cos(yy / (55 + i)) * 60 + 40 + i).astype(np.uint8)
+        pixels = np.stack([wave, wave // 2 + i % 50, 255 - wave], axis=-1)
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / split / cls / f"{i}.jpg", quality=85)
+    decoded = 160 * 2048 * 2048 * 3
+    small = mixed_folder(tmp_path / "small", per_class=(6, 2))
+    project = copy_project(tmp_path / "project")
+
+    code, baseline, output = capped_validate(project, small, 0, 2048)
+    assert code == 0, output[-3000:]
+    cap = baseline + 2**30  # what validating a tiny folder takes, plus 1 GiB: about half the decoded folder
+    assert decoded > cap - baseline + 2**29
+
+    # Held in memory, the folder does not fit under the cap: the test can fail.
+    before = (project / "data/03_primary/image_store.json").read_text()
+    code, _, output = capped_validate(project, root, cap, 1e9)
+    assert code != 0, (
+        "the in-memory validation fitted under the cap: the folder is too small to show anything"
+    )
+    assert (
+        project / "data/03_primary/image_store.json"
+    ).read_text() == before  # the small folder's, untouched
+
+    # Killed while streaming into the staging store: the small folder's store stays.
+    from conftest import kedro_env
+
+    params = f"data.source=image_folder,data.path={root},data.workers=2,data.max_in_memory_mb=0"
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "kedro", "run", "--pipeline=validate", "--params", params],
+        cwd=project,
+        env=kedro_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list((project / "data/03_primary").glob(".image_store.*.tmp")):
+        assert killed.poll() is None and time.monotonic() < deadline, "validation ended before streaming"
+        time.sleep(0.05)
+    time.sleep(1.0)  # some files decoded and written
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert (project / "data/03_primary/image_store.json").read_text() == before
+    assert len(read_split(project / "data/03_primary/image_store/train")) == 12
+
+    code, _, output = capped_validate(project, root, cap, 0)
+    assert code == 0, output[-3000:]
+    assert "streamed into the image store" in output
+    assert not list((project / "data/03_primary").glob(".image_store.*"))  # the killed run's staging is gone
+    report = json.loads((project / "data/08_reporting/validation.json").read_text())
+    assert report["success"] and report["streamed"] and report["images"] == 160
+    index = json.loads((project / "data/03_primary/image_store.json").read_text())
+    assert index["kept_files"] == 160 and index["splits"]["test"]["images"] == 20
+
+
+def test_a_bad_file_in_a_streamed_folder_is_named_and_the_previous_store_stays(tmp_path, in_process):
+    root = mixed_folder(tmp_path / "photos", per_class=(6, 2))
+    project = copy_project(tmp_path / "project")
+    params = {"data": {"source": "image_folder", "path": str(root), "max_in_memory_mb": 0}}
+    in_process(project, "validate", params)
+    primary = project / "data/03_primary"
+    before = {p.relative_to(primary): p.read_bytes() for p in primary.rglob("*") if p.is_file()}
+
+    # A file whose header reads but whose pixels do not: found only while streaming.
+    good = (root / "train/cat/1.jpg").read_bytes()
+    (root / "train/cat/1.jpg").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"unreadable image file.*train/cat/1\.jpg"):
+        in_process(project, "validate", params)
+    after = {p.relative_to(primary): p.read_bytes() for p in primary.rglob("*") if p.is_file()}
+    assert after == before
+    assert not list(primary.glob(".image_store.*"))  # the staging folder went with the error
+
+    # A folder that decodes but fails the suite (one image per test class is too few).
+    (root / "train/cat/1.jpg").write_bytes(good)
+    for extra in (root / "test/dog").iterdir():
+        if extra.name != "0.png":
+            extra.unlink()
+    with pytest.raises(Exception, match=r"image validation failed"):
+        in_process(project, "validate", params)
+    after = {p.relative_to(primary): p.read_bytes() for p in primary.rglob("*") if p.is_file()}
+    assert after == before and not list(primary.glob(".image_store.*"))

@@ -9,14 +9,13 @@ import pytest
 
 from conftest import write_image
 from imsvd.config import ValidateConfig
-from imsvd.data import ImageData
+from imsvd.data import ImageData, pixel_sha256
 from imsvd.sources import OriginalImage, load_digits, load_image_folder
 from imsvd.validation import (
     MANIFEST_COLUMNS,
     build_manifest,
     check_images,
     class_counts,
-    pixel_sha256,
     staged_folder,
 )
 

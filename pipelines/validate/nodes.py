@@ -13,9 +13,10 @@ import pandas as pd
 
 from imsvd.config import DataConfig, ValidateConfig, parse
 from imsvd.data import ImageData
+from imsvd.decoding import cpu_count
 from imsvd.errors import ValidationFailed
-from imsvd.sources import load_source
-from imsvd.store import write_image_store
+from imsvd.sources import PendingImages, load_source
+from imsvd.store import StoredImages, discard_stream, publish_stream, stream_into_store, write_image_store
 from imsvd.validation import check_images
 
 
@@ -38,10 +39,14 @@ def load_and_check(
     data_config = parse(DataConfig, data_params, "data")
     validate_config = parse(ValidateConfig, validate_params, "validate")
     source = load_source(data_config)
-    manifest, report = check_images(source.data, source.originals, validate_config)
+    data = source.data
+    if isinstance(data.images, PendingImages):  # larger than data.max_in_memory_mb: into the store as read
+        data = stream_into_store(data, Path(data_config.store_dir), data_config.workers or cpu_count())
+    manifest, report = check_images(data, source.originals, validate_config)
     report["source"] = data_config.source
     report["holdout"] = data_config.holdout  # "validation": the test split is a slice of training
-    return source.data, manifest, report
+    report["streamed"] = isinstance(data.images, StoredImages)
+    return data, manifest, report
 
 
 def accept_validated(
@@ -71,9 +76,16 @@ def accept_validated(
         DataError: naming the file, when an image file cannot be read again for the store.
     """
     if not validation_report.get("success"):
+        discard_stream(candidate_images)
         raise ValidationFailed(validation_report.get("message") or "image validation failed")
     config = parse(DataConfig, data_params, "data")
-    folder = Path(str(config.path)) if config.source == "image_folder" else None
-    index = write_image_store(candidate_images, Path(config.store_dir), folder)
+    if isinstance(candidate_images.images, StoredImages):  # streamed: its staged store goes in place
+        accepted, index = publish_stream(candidate_images, Path(config.store_dir))
+    else:
+        folder = Path(str(config.path)) if config.source == "image_folder" else None
+        accepted, index = (
+            candidate_images,
+            write_image_store(candidate_images, Path(config.store_dir), folder),
+        )
     manifest = candidate_manifest.assign(shard=index.pop("shards"))
-    return candidate_images, manifest, index
+    return accepted, manifest, index

@@ -129,8 +129,12 @@ class DataConfig:
     holdout: str = "test"
     validation_size: float = 0.2
     store_dir: str = "data/03_primary/image_store"
+    max_in_memory_mb: float = 2048.0
 
     def __post_init__(self) -> None:
+        _check(
+            self.max_in_memory_mb >= 0, "data.max_in_memory_mb", f"must be >= 0, got {self.max_in_memory_mb}"
+        )
         for name in ("max_train", "max_test", "workers"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"data.{name}", "must be >= 1 or null")

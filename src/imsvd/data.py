@@ -1,10 +1,18 @@
-"""The canonical in-memory image set every data source is turned into."""
+"""The canonical image set every data source is turned into.
+
+Its pixels are one (N, H, W, C) uint8 array: a NumPy array when the data fits in memory,
+or a :class:`LazyImages` (the image store read row by row, :class:`imsvd.store.StoredImages`)
+when it does not. Code that reads pixels indexes them in batches (``images[a:b]``,
+``images[index]``) and takes subsets with :func:`take`, so it works on both.
+"""
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +21,93 @@ from imsvd.errors import DataError
 TRAIN = "train"
 TEST = "test"
 UNLABELLED = -1
+
+
+def pixel_sha256(image: np.ndarray) -> str:
+    """Hex SHA-256 of an image's shape and uint8 pixels.
+
+    Args:
+        image: (H, W, C) uint8.
+    """
+    digest = hashlib.sha256(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+class LazyImages(abc.ABC):
+    """An (N, H, W, C) uint8 image array whose rows are read only when indexed.
+
+    Indexing with an int, a slice, an index array or a boolean mask returns NumPy arrays,
+    as an ndarray would; :meth:`take` gives a subset without reading anything. Turning the
+    whole of it into one array (``np.asarray``) is refused: that is what it exists to avoid.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, H, W, C): every row is read at this height, width and channel count."""
+
+    @abc.abstractmethod
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (int positions) as a (len(rows), H, W, C) uint8 array."""
+
+    @abc.abstractmethod
+    def take(self, index: Any) -> LazyImages:
+        """The subset ``index`` (positions or boolean mask), nothing read."""
+
+    @abc.abstractmethod
+    def row_digests(self) -> list[str]:
+        """:func:`pixel_sha256` of every row, in order, known without reading the pixels."""
+
+    @abc.abstractmethod
+    def row_means(self) -> np.ndarray:
+        """Mean pixel value of every row, in order, known without reading the pixels."""
+
+    @abc.abstractmethod
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays that :meth:`ImageData.from_arrays` turns back into this (keys
+        ``store_*``; no pixels)."""
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def positions(self, index: Any) -> np.ndarray:
+        """Row positions selected by ``index`` (a slice, an index array or a boolean mask)."""
+        return np.arange(len(self))[index]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self.read(np.asarray([self.positions(key)]))[0]
+        return self.read(np.atleast_1d(self.positions(key)))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise DataError(
+            f"{type(self).__name__} of {self.shape} is read in batches (images[a:b]): "
+            "it is not turned into one in-memory array"
+        )
+
+
+#: Pixels as every stage takes them: in memory, or read from the store in batches.
+Images = np.ndarray | LazyImages
+
+
+def take(images: Images, index: Any) -> Images:
+    """``images[index]`` for an array; the lazy subset for :class:`LazyImages`."""
+    return images.take(index) if isinstance(images, LazyImages) else images[index]
+
+
+def row_digests(images: Images) -> list[str]:
+    """:func:`pixel_sha256` of every image (from the store's record when lazy)."""
+    if isinstance(images, LazyImages):
+        return images.row_digests()
+    return [pixel_sha256(image) for image in images]
 
 
 def is_labelled(labels: np.ndarray) -> bool:
@@ -25,7 +120,8 @@ class ImageData:
     """A labelled (or unlabelled) image set in one canonical form.
 
     Attributes:
-        images: (N, H, W, C) uint8 array, all images of one size.
+        images: (N, H, W, C) uint8 array, all images of one size (in memory, or
+            :class:`LazyImages`).
         labels: (N,) int64; ``UNLABELLED`` (-1) where unknown.
         splits: (N,) str array of ``"train"`` / ``"test"``.
         ids: (N,) str array, a stable id per image (file path relative to the data
@@ -33,7 +129,7 @@ class ImageData:
         class_names: names of the label indices, in index order.
     """
 
-    images: np.ndarray
+    images: np.ndarray | LazyImages
     labels: np.ndarray
     splits: np.ndarray
     ids: np.ndarray
@@ -53,29 +149,33 @@ class ImageData:
         """The subset of one split (``"train"`` or ``"test"``)."""
         mask = self.splits == name
         return ImageData(
-            self.images[mask], self.labels[mask], self.splits[mask], self.ids[mask], self.class_names
+            take(self.images, mask), self.labels[mask], self.splits[mask], self.ids[mask], self.class_names
         )
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """SHA-256 over pixels, labels, splits and ids: changes whenever the data does.
+        """SHA-256 over the shape, each image's :func:`pixel_sha256`, labels, splits and
+        ids: changes whenever the data does, and is the same whether the pixels are in
+        memory or in the image store (whose record holds each image's digest).
 
         Computed once per object (hashing every pixel costs a second per 100 MB); the
         arrays are never modified in place (nodes do not mutate their inputs), so the
         cached value stays the data's.
         """
         digest = hashlib.sha256()
-        digest.update(str(self.images.shape).encode())
-        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(str(tuple(self.images.shape)).encode())
+        digest.update("\n".join(row_digests(self.images)).encode())
         digest.update(self.labels.astype(np.int64).tobytes())
         digest.update("\n".join(map(str, self.splits)).encode())
         digest.update("\n".join(map(str, self.ids)).encode())
         return digest.hexdigest()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Plain arrays for ``np.savez`` (no pickled objects)."""
+        """Plain arrays for ``np.savez`` (no pickled objects); lazy images are saved as
+        where they are read from, not as pixels."""
+        pixels = self.images.to_arrays() if isinstance(self.images, LazyImages) else {"images": self.images}
         return {
-            "images": self.images,
+            **pixels,
             "labels": self.labels.astype(np.int64),
             "splits": self.splits.astype(str),
             "ids": self.ids.astype(str),
@@ -85,11 +185,19 @@ class ImageData:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ImageData:
         """Inverse of :meth:`to_arrays`."""
-        missing = {"images", "labels", "splits", "ids", "class_names"} - set(arrays)
+        pixels = {"store_directory"} if "images" not in arrays and "store_directory" in arrays else {"images"}
+        missing = ({"labels", "splits", "ids", "class_names"} | pixels) - set(arrays)
         if missing:
             raise DataError(f"image arrays lack {sorted(missing)}")
+        images: np.ndarray | LazyImages
+        if "store_directory" in pixels:
+            from imsvd.store import StoredImages  # the store reads ImageData: imported when used
+
+            images = StoredImages.from_arrays(arrays)
+        else:
+            images = np.asarray(arrays["images"])
         return cls(
-            images=np.asarray(arrays["images"]),
+            images=images,
             labels=np.asarray(arrays["labels"], dtype=np.int64),
             splits=np.asarray(arrays["splits"]).astype(str),
             ids=np.asarray(arrays["ids"]).astype(str),

@@ -10,14 +10,20 @@ The array lives in anonymous shared memory created before the pool forks, so wor
 their rows in place and send back only a status; nothing is pickled. Where ``fork`` is not
 available the decoding runs in this process.
 
-Written here rather than with a dataset engine: the result is the one in-memory array the
-later stages read today. The streaming, sharded store that replaces it is the subject of
-its own work (see the README's "Image folders").
+A folder larger than ``data.max_in_memory_mb`` takes the other way, :func:`map_files`: the
+workers send back each file's result (the image store's bytes, :mod:`imsvd.store`) in order,
+with only a few tasks ahead of the reader, and the caller writes them away as they come.
+
+Written here rather than with a dataset engine: the engine (litdata) stores and streams the
+images; what this module does is the validation's own decoding, which no engine does for
+it (header checks, bomb limits, the canonical conversion, every failure named).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import math
 import mmap
 import multiprocessing
@@ -38,6 +44,8 @@ from imsvd.errors import DataError
 CHUNK = 64
 #: Below this many files the pool's start costs more than it saves.
 MIN_PARALLEL_FILES = 2 * CHUNK
+#: Tasks submitted ahead per worker: keeps every worker busy, bounds what waits to be read.
+IN_FLIGHT = 3
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,12 @@ def _map(
     max_image_pixels: int,
     bar: tqdm,
 ) -> Iterator[list[Any]]:
-    """``fn`` over ``tasks`` in order, in a forked pool when worth it, updating ``bar``."""
+    """``fn`` over ``tasks`` in order, in a forked pool when worth it, updating ``bar``.
+
+    At most :data:`IN_FLIGHT` tasks per worker are submitted ahead of the one being read:
+    ``Pool.imap`` would queue every result that the caller has not read yet, and when the
+    results carry images (the store's bytes) memory would grow with the folder.
+    """
     parallel = workers > 1 and "fork" in multiprocessing.get_all_start_methods()
     if not parallel:
         for task in tasks:
@@ -153,7 +166,14 @@ def _map(
         return
     context = multiprocessing.get_context("fork")  # the workers inherit _SHARED, nothing is pickled
     with context.Pool(workers, _init, (max_image_pixels,)) as pool:
-        for result in pool.imap(fn, tasks):
+        upcoming = iter(tasks)
+        pending = collections.deque(
+            pool.apply_async(fn, (task,)) for task in itertools.islice(upcoming, IN_FLIGHT * workers)
+        )
+        while pending:
+            result = pending.popleft().get()
+            for task in itertools.islice(upcoming, 1):
+                pending.append(pool.apply_async(fn, (task,)))
             bar.update(len(result))
             yield result
 
@@ -205,3 +225,40 @@ def decode_into(
     finally:
         _SHARED.clear()
     return out, reasons
+
+
+def _apply(paths: Sequence[str]) -> list[tuple[Any, str | None]]:
+    """``_SHARED["fn"]`` on each file: its result, or ``None`` and the reason it failed."""
+    fn: Callable[[Path], Any] = _SHARED["fn"]
+    out: list[tuple[Any, str | None]] = []
+    for path in paths:
+        try:
+            out.append((fn(Path(path)), None))
+        except DataError as exc:
+            out.append((None, str(exc)))
+    return out
+
+
+def map_files(
+    fn: Callable[[Path], Any],
+    paths: Sequence[Path],
+    max_image_pixels: int,
+    workers: int,
+    desc: str = "decoding",
+) -> Iterator[tuple[Any, str | None]]:
+    """``fn`` on every file in worker processes, yielded in ``paths`` order as
+    ``(result, None)`` or ``(None, reason)`` (``fn`` raised :class:`DataError`).
+
+    Results are read as they come and only a few tasks run ahead (:func:`_map`), so
+    memory stays flat however many files there are; the caller writes each result away.
+    """
+    names = [str(p) for p in paths]
+    workers = workers if len(names) >= MIN_PARALLEL_FILES else 1
+    tasks = [names[start : start + CHUNK] for start in range(0, len(names), CHUNK)]
+    _SHARED.update(fn=fn)
+    try:
+        with _progress(len(names), desc) as bar:
+            for result in _map(_apply, tasks, workers, max_image_pixels, bar):
+                yield from result
+    finally:
+        _SHARED.clear()

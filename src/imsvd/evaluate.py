@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from imsvd.checkpoints import load_encoder
 from imsvd.config import EvaluateConfig, PretrainConfig
 from imsvd.data import TEST, TRAIN, ImageData, is_labelled
-from imsvd.inference import Features, extract_features, images_per_second
+from imsvd.inference import Features, extract_features, images_per_second, raw_pixels
 from imsvd.losses import joint_distribution, soft_discretize
 from imsvd.metrics import (
     bin_usage,
@@ -210,8 +210,11 @@ def labelled_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> d
         emb.train.projector, ty, emb.test.projector, vy, k=cfg.knn_k, temperature=cfg.knn_temperature, ks=(1,)
     )
     out["knn_top1_projector"] = 100.0 * projector_knn[1]
-    raw_train = data.split(TRAIN).images.reshape(len(ty), -1).astype(np.float32) / 255.0
-    raw_test = data.split(TEST).images.reshape(len(vy), -1).astype(np.float32) / 255.0
+    scratch = Path(cfg.scratch_dir) if cfg.scratch_dir else None
+    raw_train, raw_test = (
+        raw_pixels(data.split(split).images, max_in_memory_mb=cfg.memory_budget_mb / 4, scratch=scratch)
+        for split in (TRAIN, TEST)
+    )
     out.update(downstream(raw_train, ty, raw_test, vy, cfg, "_raw_pixels"))
     out.update(
         downstream(emb.random_train.backbone, ty, emb.random_test.backbone, vy, cfg, "_random_encoder")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imsvd.data import Images
 from imsvd.models import Encoder
 from imsvd.preprocess import model_input
 
@@ -50,7 +51,7 @@ def _allocate(rows: int, width: int, scratch: Path | None, name: str) -> np.ndar
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
-    images: np.ndarray,
+    images: Images,
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
@@ -82,6 +83,24 @@ def extract_features(
         backbone[start : start + len(h)] = h.float().cpu().numpy()
         projector[start : start + len(z)] = z.float().cpu().numpy()
     return Features(backbone, projector)
+
+
+def raw_pixels(
+    images: Images,
+    batch_size: int = 1024,
+    max_in_memory_mb: float | None = None,
+    scratch: Path | None = None,
+) -> np.ndarray:
+    """Flattened pixels in [0, 1] as float32 (N, H * W * C), filled batch by batch: the
+    raw-pixel baseline's features, on disk (as :func:`extract_features`) above the budget."""
+    n = len(images)
+    width = int(np.prod(images.shape[1:]))
+    on_disk = max_in_memory_mb is not None and n * width * 4 > max_in_memory_mb * 2**20
+    out = _allocate(n, width, (scratch or Path(tempfile.gettempdir())) if on_disk else None, "pixels")
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        out[start : start + len(batch)] = batch.reshape(len(batch), -1).astype(np.float32) / 255.0
+    return out
 
 
 @torch.no_grad()

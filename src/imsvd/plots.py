@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, PowerNorm
 from matplotlib.figure import Figure
 
+from imsvd.data import Images, LazyImages
 from imsvd.errors import DataError
 from imsvd.metrics import bin_occupancy, block_marginals
 
@@ -88,7 +89,7 @@ def joint_matrix_figure(joint: np.ndarray, bin_size: int, blocks: int = 4) -> Fi
 
 
 def attribution_figure(
-    images: np.ndarray,
+    images: Images,
     codes: np.ndarray,
     block: int = 0,
     units: int | Sequence[int] = 6,
@@ -111,7 +112,8 @@ def attribution_figure(
     Returns:
         The figure.
     """
-    images = np.asarray(images)
+    if not isinstance(images, LazyImages):  # lazy images are read only where shown
+        images = np.asarray(images)
     p = np.asarray(codes, dtype=np.float64)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[3] not in (1, 3):
         raise DataError(

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from imsvd.data import Images
 
-def channel_stats(train_images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+
+def channel_stats(train_images: Images, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation in [0, 1] units.
 
     Args:

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,7 @@ from sklearn.model_selection import train_test_split
 
 from imsvd import decoding
 from imsvd.config import DataConfig
-from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
+from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData, LazyImages, take
 from imsvd.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -115,13 +116,15 @@ def load_source(config: DataConfig) -> SourceImages:
         DataError: when the files cannot be read or are structurally wrong (the message
             names the file or folder).
     """
-    if config.source == "digits":
+    if config.source == "digits":  # the array sources are read whole: they are small
         source = SourceImages(data := load_digits(config.test_size, config.seed), canonical_originals(data))
     elif config.source == "fashion_mnist":
         data = load_fashion_mnist(Path(str(config.path)))
         source = SourceImages(data, canonical_originals(data))
     else:
-        source = load_image_folder(Path(str(config.path)), config.max_image_pixels, config.workers)
+        source = load_image_folder(
+            Path(str(config.path)), config.max_image_pixels, config.workers, config.max_in_memory_mb
+        )
     source = subsample(source, config.max_train, config.max_test, config.seed)
     if config.holdout == "validation":
         source = validation_holdout(source, config.validation_size, config.seed)
@@ -149,7 +152,9 @@ def validation_holdout(source: SourceImages, share: float, seed: int) -> SourceI
     _, held = train_test_split(index, test_size=count, random_state=seed, stratify=labels if usable else None)
     splits = np.full(len(index), TRAIN, dtype=object)
     splits[np.isin(index, held)] = TEST
-    subset = ImageData(data.images[index], labels, splits.astype(str), data.ids[index], data.class_names)
+    subset = ImageData(
+        take(data.images, index), labels, splits.astype(str), data.ids[index], data.class_names
+    )
     logger.info(
         "data.holdout=validation: %d training images, %d held out in place of the test split",
         len(index) - count,
@@ -174,7 +179,7 @@ def subsample(source: SourceImages, max_train: int | None, max_test: int | None,
         return source
     data = source.data
     subset = ImageData(
-        data.images[keep], data.labels[keep], data.splits[keep], data.ids[keep], data.class_names
+        take(data.images, keep), data.labels[keep], data.splits[keep], data.ids[keep], data.class_names
     )
     return SourceImages(subset, tuple(o for o, k in zip(source.originals, keep, strict=True) if k))
 
@@ -574,7 +579,49 @@ def canonical_channels(mode: str) -> int:
     return 1 if mode in _SIXTEEN_BIT or mode in _TO_L else 3
 
 
-def load_image_folder(root: Path, max_image_pixels: int, workers: int | None = None) -> SourceImages:
+class PendingImages(LazyImages):
+    """A folder's image files, checked by their headers but not decoded yet: what
+    :func:`load_image_folder` gives when the decoded images would not fit in memory.
+
+    ``validate`` streams them into the image store (:func:`imsvd.store.stream_into_store`),
+    decoding each file once, after the subsets (``data.max_train``, ``data.holdout``) have
+    been drawn, so dropped files are never decoded. Reading rows decodes the files.
+    """
+
+    def __init__(self, paths: np.ndarray, shape: tuple[int, int, int, int], max_image_pixels: int) -> None:
+        self.paths = np.asarray(paths, dtype=str)
+        self._shape = (len(self.paths), *shape[1:])
+        self.max_image_pixels = max_image_pixels
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        _, height, width, channels = self.shape
+        with bomb_limit(self.max_image_pixels):
+            decoded = [_decode_resized(Path(self.paths[i]), (height, width), channels) for i in rows]
+        return np.stack(decoded) if decoded else np.zeros((0, height, width, channels), np.uint8)
+
+    def take(self, index: Any) -> PendingImages:
+        return PendingImages(self.paths[self.positions(index)], self.shape, self.max_image_pixels)
+
+    def _unwritten(self) -> DataError:
+        return DataError("the images are not in the image store yet (imsvd.store.stream_into_store)")
+
+    def row_digests(self) -> list[str]:
+        raise self._unwritten()
+
+    def row_means(self) -> np.ndarray:
+        raise self._unwritten()
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        raise self._unwritten()
+
+
+def load_image_folder(
+    root: Path, max_image_pixels: int, workers: int | None = None, max_in_memory_mb: float | None = None
+) -> SourceImages:
     """Read ``root/train`` and ``root/test`` into one canonical image set.
 
     Every file is decoded once, in ``workers`` processes (``None``: one per core), straight
@@ -585,6 +632,9 @@ def load_image_folder(root: Path, max_image_pixels: int, workers: int | None = N
         root: the image folder (``data.path``).
         max_image_pixels: Pillow's decompression-bomb limit (``data.max_image_pixels``).
         workers: decoding processes (``data.workers``).
+        max_in_memory_mb: above this decoded size (at the common size) nothing is decoded
+            here: the images are :class:`PendingImages`, for validation to stream into the
+            image store (``data.max_in_memory_mb``; ``None``: no limit).
 
     Returns:
         Images resized to the most common size, train first; ids are paths relative to
@@ -622,6 +672,28 @@ def load_image_folder(root: Path, max_image_pixels: int, workers: int | None = N
             raise DataError(mixed)
         size = most_common_size([(o.height, o.width) for _, o, _ in readable]) if readable else (1, 1)
         channels = next(iter(channel_counts), 1)
+        decoded_mb = len(readable) * size[0] * size[1] * channels / 2**20
+        if max_in_memory_mb is not None and decoded_mb > max_in_memory_mb:
+            if failures:  # what the headers refused; the files are decoded only once, in the store's writing
+                raise DataError(
+                    f"{len(failures)} unreadable image file(s) in {root}: {_name_files(failures)}"
+                )
+            logger.info(
+                "%d images of %dx%dx%d would take %.0f MiB decoded, more than data.max_in_memory_mb=%g: "
+                "they are streamed into the image store and read from there",
+                len(readable),
+                size[0],
+                size[1],
+                channels,
+                decoded_mb,
+                max_in_memory_mb,
+            )
+            pending = PendingImages(
+                np.asarray([str(f.path) for f, _, _ in readable]),
+                (len(readable), size[0], size[1], channels),
+                max_image_pixels,
+            )
+            return SourceImages(_folder_data(files, pending), tuple(o for _, o, _ in readable))
         images, reasons = decoding.decode_into(
             [f.path for f, _, _ in readable],
             (size[0], size[1], channels),
@@ -633,16 +705,20 @@ def load_image_folder(root: Path, max_image_pixels: int, workers: int | None = N
     if failures:
         raise DataError(f"{len(failures)} unreadable image file(s) in {root}: {_name_files(failures)}")
     originals = [o for _, o, _ in readable]
+    return SourceImages(_folder_data(files, images), tuple(originals))
+
+
+def _folder_data(files: Sequence[ImageFile], images: np.ndarray | LazyImages) -> ImageData:
+    """The image set of a folder's ``files`` (all readable, in order) with these pixels."""
     class_names = sorted({f.class_name for f in files if f.class_name is not None and f.split == TRAIN})
     if not class_names:
         class_names = sorted({f.class_name for f in files if f.class_name is not None})
     index = {name: i for i, name in enumerate(class_names)}
     labels = [index[f.class_name] if f.class_name is not None else UNLABELLED for f in files]
-    data = ImageData(
+    return ImageData(
         images=images,
         labels=np.asarray(labels, dtype=np.int64),
         splits=np.asarray([f.split for f in files]),
         ids=np.asarray([f.image_id for f in files]),
         class_names=tuple(class_names),
     )
-    return SourceImages(data, tuple(originals))

@@ -20,14 +20,26 @@ formats, palette, alpha, 16-bit) is converted to the canonical 1- or 3-channel i
 stored as lossless PNG at its own size. Array sources (the digits, Fashion-MNIST) are
 stored as PNG too. :func:`write_image_store` returns the store's index (counts, bytes,
 chunks and the chunk of every image), which ``validate`` saves beside the manifest.
+
+Two ways in. Data that fits in memory (``data.max_in_memory_mb``) is validated as one
+array and written by :func:`write_image_store` once accepted. A folder larger than that is
+streamed (:func:`stream_into_store`): worker processes decode each file once, send back
+the bytes to store with the canonical image's digest and mean, and the store is written
+into a staging folder as they come, which ``validate`` publishes once the suite passed.
+Every later stage then reads it as :class:`StoredImages`, row by row.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +48,19 @@ from litdata import StreamingDataset
 from litdata.streaming.writer import BinaryWriter
 from PIL import Image
 
-from imsvd.data import TEST, TRAIN, ImageData
+from imsvd import decoding
+from imsvd.data import TEST, TRAIN, ImageData, LazyImages, pixel_sha256, row_digests
 from imsvd.decoding import pillow_errors
 from imsvd.errors import DataError
-from imsvd.sources import decode_image, to_canonical_array
-from imsvd.validation import staged_folder
+from imsvd.sources import (
+    PendingImages,
+    _name_files,
+    bomb_limit,
+    decode_image,
+    resize_array,
+    to_canonical_array,
+)
+from imsvd.validation import new_staging, publish, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +110,8 @@ def decode_stored(raw: bytes) -> np.ndarray:
         return np.array(to_canonical_array(img))  # a writable copy: torch.from_numpy takes it as is
 
 
-def _write_split(
-    directory: Path, items: Iterator[dict[str, Any]], chunk_bytes: str
-) -> tuple[list[str], dict[str, Any]]:
-    """Write one split as a litdata dataset; return each item's chunk and the split's summary."""
-    writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes)
-    count = 0
-    for count, item in enumerate(items, start=1):
-        writer[count - 1] = item
-    writer.done()
-    writer.merge()
+def _split_summary(directory: Path, count: int) -> tuple[list[str], dict[str, Any]]:
+    """Each item's chunk and the split's summary, from the index litdata wrote."""
     index = json.loads((directory / "index.json").read_text())
     shards: list[str] = []
     for chunk in index["chunks"]:
@@ -112,6 +124,19 @@ def _write_split(
         "bytes": sum(int(c["chunk_bytes"]) for c in index["chunks"]),
     }
     return shards, summary
+
+
+def _write_split(
+    directory: Path, items: Iterator[dict[str, Any]], chunk_bytes: str
+) -> tuple[list[str], dict[str, Any]]:
+    """Write one split as a litdata dataset; return each item's chunk and the split's summary."""
+    writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes)
+    count = 0
+    for count, item in enumerate(items, start=1):
+        writer[count - 1] = item
+    writer.done()
+    writer.merge()
+    return _split_summary(directory, count)
 
 
 def write_image_store(
@@ -159,7 +184,7 @@ def write_image_store(
             shard_of[positions] = shards
         # The folder names its own data: a run killed after the folder was replaced but
         # before image_store.json was saved leaves an index that no longer matches it.
-        (staging / STAMP).write_text(json.dumps({"version": STORE_VERSION, "fingerprint": data.fingerprint}))
+        _write_stamp(staging, data)
     logger.info(
         "image store %s: %s images (%d files kept as they were, %d stored as PNG)",
         target,
@@ -214,3 +239,287 @@ def read_split(directory: Path) -> list[dict[str, Any]]:
     """Every item of a split in stored order (for tests and small checks)."""
     dataset = StreamingDataset(str(directory), shuffle=False)
     return [dataset[i] for i in range(len(dataset))]
+
+
+def _rows_digest(digests: Any) -> str:
+    return hashlib.sha256("\n".join(map(str, digests)).encode()).hexdigest()
+
+
+def _write_stamp(folder: Path, data: ImageData) -> None:
+    stamp = {
+        "version": STORE_VERSION,
+        "fingerprint": data.fingerprint,
+        "rows_digest": _rows_digest(row_digests(data.images)),
+    }
+    (folder / STAMP).write_text(json.dumps(stamp))
+
+
+class StoredImages(LazyImages):
+    """Validated images read from the image store, one row at a time, at one common size.
+
+    Row ``i`` is item ``position[i]`` of the store's ``split[i]`` folder, decoded and resized
+    (Lanczos) to the validation's common size exactly as an in-memory folder is, so the
+    pixels are the same either way. Each row's digest and mean come from validation's
+    record. Each process opens its own litdata datasets (DataLoader workers, DDP ranks).
+
+    Args:
+        directory: the store (``data.store_dir``, or the staging folder while validating).
+        split: the store folder of each row (``"train"`` / ``"test"``).
+        position: each row's index in that folder.
+        shape: (N, H, W, C), the common size.
+        digests: each row's :func:`imsvd.data.pixel_sha256`.
+        means: each row's mean pixel value.
+        index: the store's summary (counts, bytes, chunks, each row's chunk), set by
+            :func:`stream_into_store`; empty when loaded back.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        split: np.ndarray,
+        position: np.ndarray,
+        shape: tuple[int, int, int, int],
+        digests: np.ndarray,
+        means: np.ndarray,
+        index: dict[str, Any] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.split = np.asarray(split, dtype=str)
+        self.position = np.asarray(position, dtype=np.int64)
+        self._shape = (len(self.split), *(int(v) for v in shape[1:]))
+        self.digests = np.asarray(digests, dtype=str)
+        self.means = np.asarray(means, dtype=np.float64)
+        self.index = index or {}
+        self._datasets: dict[tuple[int, str], StreamingDataset] = {}
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_datasets": {}}  # litdata's readers stay in their process
+
+    def _dataset(self, split: str) -> StreamingDataset:
+        key = (os.getpid(), split)
+        if key not in self._datasets:
+            self._datasets[key] = StreamingDataset(str(self.directory / split), shuffle=False)
+        return self._datasets[key]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        _, height, width, channels = self.shape
+        out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
+        for k, i in enumerate(rows):
+            raw = self._dataset(str(self.split[i]))[int(self.position[i])]["image"]
+            out[k] = resize_array(decode_stored(raw), (height, width))
+        return out
+
+    def take(self, index: Any) -> StoredImages:
+        rows = self.positions(index)
+        return StoredImages(
+            self.directory,
+            self.split[rows],
+            self.position[rows],
+            self.shape,
+            self.digests[rows],
+            self.means[rows],
+        )
+
+    def row_digests(self) -> list[str]:
+        return [str(d) for d in self.digests]
+
+    def row_means(self) -> np.ndarray:
+        return self.means
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "store_directory": np.asarray(str(self.directory)),
+            "store_split": self.split,
+            "store_position": self.position,
+            "store_shape": np.asarray(self.shape, dtype=np.int64),
+            "store_digests": self.digests,
+            "store_means": self.means,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> StoredImages:
+        """Back from :meth:`to_arrays`, checked against the store folder's stamp.
+
+        Raises:
+            DataError: when the store is missing or holds other images.
+        """
+        try:
+            directory = Path(str(arrays["store_directory"]))
+            images = cls(
+                directory,
+                arrays["store_split"],
+                arrays["store_position"],
+                tuple(int(v) for v in arrays["store_shape"]),  # type: ignore[arg-type]
+                arrays["store_digests"],
+                arrays["store_means"],
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DataError(f"the image store's record is incomplete ({exc})") from None
+        try:
+            stamp = json.loads((directory / STAMP).read_text())
+        except (OSError, ValueError):
+            stamp = {}
+        if stamp.get("rows_digest") != _rows_digest(images.digests):
+            raise DataError(
+                f"the image store {directory} is missing or holds other images than the record says: "
+                "run `kedro run --pipeline=validate` again"
+            )
+        return images
+
+    def moved_to(self, directory: Path) -> StoredImages:
+        """The same rows, read from ``directory`` (where the staging folder was published)."""
+        moved = StoredImages(
+            directory, self.split, self.position, self.shape, self.digests, self.means, self.index
+        )
+        moved.index = {**self.index, "directory": str(directory)}
+        return moved
+
+
+@dataclass(frozen=True)
+class EncodedFile:
+    """What a worker sends back for one file: the bytes to store and its canonical digest."""
+
+    payload: bytes
+    kept: bool
+    digest: str
+    mean: float
+
+
+def encode_file(path: Path, size: tuple[int, int], channels: int) -> EncodedFile:
+    """Read and decode one file once: the bytes to store (its own, or lossless PNG of the
+    canonical image at its own size) and the digest and mean of the canonical image at
+    the common ``size``, as the in-memory path computes them.
+
+    Raises:
+        DataError: with the reason, when the file cannot be read or decoded.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot be read ({exc})") from None
+    with pillow_errors(), Image.open(io.BytesIO(raw)) as img:
+        kept = img.format in KEPT_FORMATS and img.mode in KEPT_MODES
+        img.load()
+        array = to_canonical_array(img)
+    if array.shape[2] != channels:  # pragma: no cover - the header's mode fixes the channels
+        raise DataError(f"decoded to {array.shape[2]} channels, its header said {channels}")
+    canonical = resize_array(array, size)
+    payload = raw if kept else png_bytes(array)
+    return EncodedFile(payload, kept, pixel_sha256(canonical), float(canonical.mean(dtype=np.float64)))
+
+
+def stream_into_store(
+    data: ImageData, target: Path, workers: int, chunk_bytes: str = CHUNK_BYTES
+) -> ImageData:
+    """Decode the files of ``data`` (:class:`PendingImages`) once each, in ``workers``
+    processes, and write them as an image store in a staging folder beside ``target``.
+
+    Memory stays flat: each file's bytes go into litdata's writer as they come back.
+    Nothing replaces ``target`` here; :func:`publish_stream` does, once validation passed.
+
+    Returns:
+        The same images as :class:`StoredImages` read from the staging folder, with the
+        store's index (``images.index``).
+
+    Raises:
+        DataError: naming every file that could not be decoded (the staging folder is removed).
+    """
+    pending = data.images
+    if not isinstance(pending, PendingImages):
+        raise DataError(f"stream_into_store needs PendingImages, got {type(pending).__name__}")
+    _, height, width, channels = pending.shape
+    n = len(pending)
+    staging = new_staging(target)
+    try:
+        writers: dict[str, BinaryWriter] = {}
+        counts = {TRAIN: 0, TEST: 0}
+        position = np.zeros(n, dtype=np.int64)
+        digests = np.empty(n, dtype=object)
+        means = np.zeros(n, dtype=np.float64)
+        kept = 0
+        failures: list[str] = []
+        encode = functools.partial(encode_file, size=(height, width), channels=channels)
+        with bomb_limit(pending.max_image_pixels):
+            results = decoding.map_files(
+                encode,
+                [Path(p) for p in pending.paths],
+                pending.max_image_pixels,
+                workers,
+                "decoding into the store",
+            )
+            for i, (encoded, reason) in enumerate(results):
+                if reason is not None or failures:  # after a failure: decode on only to name every bad file
+                    if reason is not None:
+                        failures.append(f"{pending.paths[i]}: {reason}")
+                    continue
+                split = str(data.splits[i])
+                if split not in writers:
+                    writers[split] = BinaryWriter(str(staging / split), chunk_bytes=chunk_bytes)
+                position[i] = counts[split]
+                writers[split][counts[split]] = {
+                    "id": str(data.ids[i]),
+                    "label": int(data.labels[i]),
+                    "image": encoded.payload,
+                }
+                counts[split] += 1
+                digests[i], means[i] = encoded.digest, encoded.mean
+                kept += encoded.kept
+        if failures:
+            raise DataError(f"{len(failures)} unreadable image file(s): {_name_files(failures)}")
+        shard_of = np.empty(n, dtype=object)
+        splits: dict[str, Any] = {}
+        for split, writer in writers.items():
+            writer.done()
+            writer.merge()
+            shards, splits[split] = _split_summary(staging / split, counts[split])
+            rows = np.flatnonzero(data.splits == split)
+            shard_of[rows] = np.asarray(shards, dtype=object)[position[rows]]
+        stored = StoredImages(staging, data.splits, position, pending.shape, digests, means)
+        result = ImageData(stored, data.labels, data.splits, data.ids, data.class_names)
+        _write_stamp(staging, result)
+        stored.index = {
+            "version": STORE_VERSION,
+            "directory": str(target),
+            "fingerprint": result.fingerprint,
+            "splits": splits,
+            "kept_files": kept,
+            "png_files": n - kept,
+            "streamed": True,
+            "shards": [str(s) for s in shard_of],
+        }
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(
+        "image store %s (staged): %s images streamed (%d files kept as they were, %d stored as PNG)",
+        target,
+        " + ".join(f"{s['images']:,} {name}" for name, s in splits.items()),
+        kept,
+        n - kept,
+    )
+    return result
+
+
+def publish_stream(data: ImageData, target: Path) -> tuple[ImageData, dict[str, Any]]:
+    """Put the staged store of :func:`stream_into_store` in ``target``'s place.
+
+    Returns:
+        The images read from ``target`` and the store's index.
+    """
+    stored = data.images
+    if not isinstance(stored, StoredImages):
+        raise DataError(f"publish_stream needs StoredImages, got {type(stored).__name__}")
+    publish(stored.directory, target)
+    moved = stored.moved_to(target)
+    logger.info("image store %s: published", target)
+    return ImageData(moved, data.labels, data.splits, data.ids, data.class_names), dict(moved.index)
+
+
+def discard_stream(data: ImageData) -> None:
+    """Remove the staging folder of a streamed store that validation refused."""
+    if isinstance(data.images, StoredImages) and data.images.directory.name.endswith(".tmp"):
+        shutil.rmtree(data.images.directory, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from imsvd.config import ValidateConfig
-from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData
+from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData, LazyImages, row_digests
 from imsvd.errors import DataError
 from imsvd.io import json_default
 from imsvd.sources import OriginalImage, canonical_originals
@@ -51,17 +50,6 @@ MANIFEST_COLUMNS = (
 _SITE = "local_site"
 
 
-def pixel_sha256(image: np.ndarray) -> str:
-    """Hex SHA-256 of an image's shape and uint8 pixels.
-
-    Args:
-        image: (H, W, C) uint8.
-    """
-    digest = hashlib.sha256(str(image.shape).encode())
-    digest.update(np.ascontiguousarray(image).tobytes())
-    return digest.hexdigest()
-
-
 def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = None) -> pd.DataFrame:
     """One row per image: id, split, label, height, width, channels, mode, sha256, mean_intensity.
 
@@ -80,6 +68,10 @@ def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = 
     if len(originals) != len(data.images):
         raise DataError(f"{len(originals)} original descriptions for {len(data.images)} images")
     images = data.images
+    if isinstance(images, LazyImages):  # the store's record: its pixels are not read again
+        means = images.row_means()
+    else:
+        means = images.reshape(len(images), -1).mean(axis=1, dtype=np.float64)
     return pd.DataFrame(
         {
             "id": data.ids.astype(str),
@@ -89,8 +81,8 @@ def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = 
             "width": np.asarray([o.width for o in originals], dtype=np.int64),
             "channels": np.full(len(images), images.shape[3], dtype=np.int64),
             "mode": [o.mode for o in originals],
-            "sha256": [pixel_sha256(image) for image in images],
-            "mean_intensity": images.reshape(len(images), -1).mean(axis=1, dtype=np.float64),
+            "sha256": row_digests(images),
+            "mean_intensity": means,
         },
         columns=list(MANIFEST_COLUMNS),
     )
@@ -320,16 +312,11 @@ def failure_message(failures: Sequence[Mapping[str, Any]], total: int) -> str:
     return "\n".join(lines + [_describe_failure(f) for f in failures])
 
 
-@contextlib.contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """Yield an empty sibling folder of ``target`` that replaces ``target`` on success.
+def new_staging(target: Path) -> Path:
+    """An empty sibling folder of ``target`` for :func:`publish` to put in its place.
 
-    A killed or failed run leaves the previous ``target`` (or none), never a half-written one;
-    the staging folders a killed run left behind are removed by the next one (the project
-    lock keeps two runs from staging at once).
-
-    Args:
-        target: the folder to (re)place.
+    The staging folders a killed run left behind are removed first (the project lock
+    keeps two runs from staging at once).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in [
@@ -342,15 +329,35 @@ def staged_folder(target: Path) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the published folder
+    return staging
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` in ``target``'s place (two renames: a kill
+    between them leaves the previous folder under a ``.old`` name, which the next
+    :func:`new_staging` removes, and no ``target``)."""
+    previous = None
+    if target.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, previous / target.name)
+    os.replace(staging, target)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty sibling folder of ``target`` that replaces ``target`` on success.
+
+    A killed or failed run leaves the previous ``target`` (or none), never a half-written one.
+
+    Args:
+        target: the folder to (re)place.
+    """
+    staging = new_staging(target)
     try:
         yield staging
-        previous = None
-        if target.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, previous / target.name)
-        os.replace(staging, target)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+        publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

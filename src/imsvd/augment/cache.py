@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from imsvd.augment.recipe import augment_images, multi_view_transform, recipe_params
 from imsvd.config import AugmentConfig
+from imsvd.data import Images
 from imsvd.decoding import cpu_count, die_with_parent
 from imsvd.errors import DataError
 from imsvd.io import atomic_path, atomic_write_text, sha256_file, sha256_stream
@@ -205,7 +206,7 @@ def _one_thread() -> Iterator[None]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(images: np.ndarray, cfg: AugmentConfig, out_path: str) -> None:
+def _init_worker(images: Images, cfg: AugmentConfig, out_path: str) -> None:
     die_with_parent()
     torch.set_num_threads(1)
     _WORKER["images"] = images
@@ -236,7 +237,7 @@ def _progress(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, desc="view cache", unit="img", disable=not enabled, mininterval=interval)
 
 
-def _fill(out_path: Path, images: np.ndarray, cfg: AugmentConfig, workers: int, progress: bool) -> None:
+def _fill(out_path: Path, images: Images, cfg: AugmentConfig, workers: int, progress: bool) -> None:
     """Write the views of all ``images`` into the ``.npy`` file at ``out_path``."""
     chunks = _chunks(len(images), workers)
     if workers == 1:
@@ -260,7 +261,7 @@ def _fill(out_path: Path, images: np.ndarray, cfg: AugmentConfig, workers: int, 
 
 
 def build_view_cache(
-    images: np.ndarray, fingerprint: str, cfg: AugmentConfig, progress: bool = True
+    images: Images, fingerprint: str, cfg: AugmentConfig, progress: bool = True
 ) -> ViewCache:
     """Build the view cache of ``images``, or reuse a valid one.
 

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, get_worker_info
 from imsvd.augment.cache import open_view_cache
 from imsvd.augment.recipe import draw_seed, image_tensor, view_transform
 from imsvd.config import AugmentConfig
+from imsvd.data import Images
 from imsvd.errors import DataError
 from imsvd.store import decode_stored
 
@@ -111,7 +112,7 @@ class OnTheFlyPairDataset(_EpochPairs):
         seed: seeds each pair together with the epoch and the index.
     """
 
-    def __init__(self, images: np.ndarray, cfg: AugmentConfig, seed: int) -> None:
+    def __init__(self, images: Images, cfg: AugmentConfig, seed: int) -> None:
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
             raise DataError(
                 f"images must be (N, H, W, C) uint8, C in (1, 3), got {images.dtype} {images.shape}"
@@ -171,7 +172,7 @@ class StorePairs(StreamingDataset):
 
 
 def pair_dataset(
-    train_images: np.ndarray, fingerprint: str, cfg: AugmentConfig, use_cache: bool, seed: int
+    train_images: Images, fingerprint: str, cfg: AugmentConfig, use_cache: bool, seed: int
 ) -> tuple[Dataset[Pair], str]:
     """The pair dataset pretraining reads: the view cache when valid, else on the fly.
 

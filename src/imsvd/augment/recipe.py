@@ -21,6 +21,7 @@ import torch
 from torchvision.transforms import v2
 
 from imsvd.config import AugmentConfig
+from imsvd.data import Images
 from imsvd.errors import DataError
 
 # Fields of AugmentConfig that do not change the drawn views.
@@ -116,9 +117,7 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def augment_images(
-    images: np.ndarray, indices: range, transform: MultiViewTransform, seed: int
-) -> np.ndarray:
+def augment_images(images: Images, indices: range, transform: MultiViewTransform, seed: int) -> np.ndarray:
     """Draw the views of ``images[indices]``, each image under its own seed.
 
     Args:

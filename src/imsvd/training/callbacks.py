@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from imsvd.config import MonitorConfig
+from imsvd.data import Images
 from imsvd.inference import extract_features
 from imsvd.metrics import knn_accuracy
 from imsvd.training.resume import INTERRUPTED
@@ -208,7 +209,7 @@ class OnlineKNN(Callback):
 
     def __init__(
         self,
-        images: np.ndarray,
+        images: Images,
         labels: np.ndarray,
         size: int,
         mean: Any,

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from imsvd.augment import StorePairs
 from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
+from imsvd.data import Images
 from imsvd.distributed import SharedShuffle, SyncBatchNormPlugin, is_writer, launched
 from imsvd.errors import ConfigError, TrainingError
 from imsvd.training.callbacks import (
@@ -223,7 +224,7 @@ class MonitorData:
         size: the side the encoder takes (``augment.size``).
     """
 
-    images: np.ndarray
+    images: Images
     labels: np.ndarray
     size: int
 
