@@ -437,7 +437,7 @@ def test_pair_dataset_prefers_a_valid_cache(tmp_path: Path, digits: np.ndarray) 
 
 
 def test_channel_stats_match_numpy(digits_rgb: np.ndarray) -> None:
-    mean, std = channel_stats(digits_rgb, chunk=100)
+    mean, std = channel_stats(digits_rgb, chunk_mb=0.01)  # many chunks of about 50 images
     pixels = digits_rgb.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-10)
     np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-8)

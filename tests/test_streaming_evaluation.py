@@ -111,3 +111,17 @@ def test_the_streaming_settings_are_checked(name):
 
     with pytest.raises(ConfigError, match=f"evaluate.{name}"):
         parse(EvaluateConfig, {name: 0}, "evaluate")
+
+
+def test_raw_pixels_keep_small_images_and_shrink_large_ones_to_the_encoder_input(tmp_path):
+    from imsvd.inference import raw_pixels
+    from imsvd.preprocess import model_input
+
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+    np.testing.assert_array_equal(raw_pixels(small, max_side=16), small.reshape(50, -1) / np.float32(255))
+    large = rng.integers(0, 256, (40, 48, 40, 3), dtype=np.uint8)
+    shrunk = raw_pixels(large, max_side=16, batch_size=7, max_in_memory_mb=0.01, scratch=tmp_path)
+    assert isinstance(shrunk, np.memmap) and shrunk.shape == (40, 16 * 16 * 3)  # over the budget: on disk
+    expected = model_input(large, 16, (0.0,) * 3, (1.0,) * 3).permute(0, 2, 3, 1).reshape(40, -1).numpy()
+    np.testing.assert_allclose(shrunk, expected, rtol=0, atol=1e-6)

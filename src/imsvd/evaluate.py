@@ -58,6 +58,7 @@ class Embeddings:
     test_labels: np.ndarray
     images_per_second: float
     config: PretrainConfig
+    image_size: int = 0  # the encoder's input side
 
     @property
     def is_imsvd(self) -> bool:
@@ -97,6 +98,7 @@ def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig)
         test_labels=test.labels,
         images_per_second=images_per_second(loaded.encoder, loaded.in_channels, loaded.image_size),
         config=pre,
+        image_size=loaded.image_size,
     )
 
 
@@ -212,7 +214,12 @@ def labelled_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> d
     out["knn_top1_projector"] = 100.0 * projector_knn[1]
     scratch = Path(cfg.scratch_dir) if cfg.scratch_dir else None
     raw_train, raw_test = (
-        raw_pixels(data.split(split).images, max_in_memory_mb=cfg.memory_budget_mb / 4, scratch=scratch)
+        raw_pixels(
+            data.split(split).images,
+            max_side=emb.image_size or None,
+            max_in_memory_mb=cfg.memory_budget_mb / 4,
+            scratch=scratch,
+        )
         for split in (TRAIN, TEST)
     )
     out.update(downstream(raw_train, ty, raw_test, vy, cfg, "_raw_pixels"))

@@ -87,19 +87,32 @@ def extract_features(
 
 def raw_pixels(
     images: Images,
+    max_side: int | None = None,
     batch_size: int = 1024,
     max_in_memory_mb: float | None = None,
     scratch: Path | None = None,
 ) -> np.ndarray:
-    """Flattened pixels in [0, 1] as float32 (N, H * W * C), filled batch by batch: the
-    raw-pixel baseline's features, on disk (as :func:`extract_features`) above the budget."""
-    n = len(images)
-    width = int(np.prod(images.shape[1:]))
-    on_disk = max_in_memory_mb is not None and n * width * 4 > max_in_memory_mb * 2**20
-    out = _allocate(n, width, (scratch or Path(tempfile.gettempdir())) if on_disk else None, "pixels")
+    """Flattened pixels in [0, 1] as float32, filled batch by batch: the raw-pixel
+    baseline's features, on disk (as :func:`extract_features`) above the budget.
+
+    Images with more pixels than ``max_side``² (the encoder's input) are first resized
+    to it as the encoder's input is (:func:`model_input`): the baseline then sees what the
+    encoder sees, and photos of 512 x 512 do not make 786,432-dimensional features.
+    Smaller images (the digits, Fashion-MNIST at 28) keep their own pixels.
+    """
+    n, height, width, channels = images.shape
+    shrink = max_side is not None and height * width > max_side * max_side
+    dims = (max_side * max_side if shrink else height * width) * channels  # type: ignore[operator]
+    on_disk = max_in_memory_mb is not None and n * dims * 4 > max_in_memory_mb * 2**20
+    out = _allocate(n, dims, (scratch or Path(tempfile.gettempdir())) if on_disk else None, "pixels")
     for start in range(0, n, batch_size):
         batch = images[start : start + batch_size]
-        out[start : start + len(batch)] = batch.reshape(len(batch), -1).astype(np.float32) / 255.0
+        if shrink:
+            x = model_input(batch, max_side, (0.0,) * channels, (1.0,) * channels)  # type: ignore[arg-type]
+            flat = x.permute(0, 2, 3, 1).reshape(len(batch), -1).numpy()
+        else:
+            flat = batch.reshape(len(batch), -1).astype(np.float32) / 255.0
+        out[start : start + len(batch)] = flat
     return out
 
 

@@ -16,17 +16,20 @@ from torchvision.transforms import v2
 from imsvd.data import Images
 
 
-def channel_stats(train_images: Images, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    train_images: Images, chunk_mb: float = 64.0
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation in [0, 1] units.
 
     Args:
         train_images: (N, H, W, C) uint8.
-        chunk: images summed at a time (bounds memory).
+        chunk_mb: uint8 megabytes summed at a time (bounds memory: the float64 copy is 8x).
 
     Returns:
         (mean, std), each a tuple of C floats.
     """
     channels = train_images.shape[-1]
+    chunk = max(1, int(chunk_mb * 2**20 // max(1, int(np.prod(train_images.shape[1:])))))
     total = np.zeros(channels)
     squares = np.zeros(channels)
     for start in range(0, len(train_images), chunk):
