@@ -480,3 +480,42 @@ def test_a_bad_file_in_a_streamed_folder_is_named_and_the_previous_store_stays(t
         in_process(project, "validate", params)
     after = {p.relative_to(primary): p.read_bytes() for p in primary.rglob("*") if p.is_file()}
     assert after == before and not list(primary.glob(".image_store.*"))
+
+
+def test_a_rerun_on_a_grown_folder_decodes_only_the_new_and_changed_files(tmp_path, in_process, caplog):
+    rng = np.random.default_rng(7)
+    root = tmp_path / "photos"
+
+    def picture(h: int, w: int) -> np.ndarray:
+        return np.clip(rng.integers(30, 220) + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+    for split, count in (("train", 12), ("test", 3)):
+        for cls in ("cat", "dog"):
+            for i in range(count):  # most files 24 x 24 (the common size stays), the rest of other sizes
+                h, w = (24, 24) if i % 3 else tuple(int(v) for v in rng.integers(12, 40, 2))
+                mode, ext = [(None, "png"), (None, "jpg"), ("P", "png")][i % 3]
+                write_image(root / split / cls / f"{i}.{ext}", picture(h, w), mode)
+    params = {"data": {"source": "image_folder", "path": str(root), "max_in_memory_mb": 0}}
+    project = copy_project(tmp_path / "project")
+    in_process(project, "validate", params)
+
+    for name in ("train/cat/new1.png", "train/dog/new2.jpg", "test/cat/new3.png"):
+        write_image(root / name, picture(24, 24))
+    write_image(root / "train/dog/4.jpg", picture(24, 24))  # changed in place
+    caplog.clear()
+    with caplog.at_level("INFO", logger="imsvd.store"):
+        in_process(project, "validate", params)
+    assert "29 of 33 files unchanged since the last validation" in caplog.text
+    assert "; 4 decoded" in caplog.text
+    index = json.loads((project / "data/03_primary/image_store.json").read_text())
+    assert index["reused_files"] == 29
+
+    # The same store, manifest and pixels as validating the grown folder from scratch.
+    fresh = copy_project(tmp_path / "fresh")
+    in_process(fresh, "validate", params)
+    for name in ("data/03_primary/manifest.csv", "data/03_primary/image_store/store.json"):
+        assert (project / name).read_text() == (fresh / name).read_text()
+    for split in ("train", "test"):
+        a = read_split(project / "data/03_primary/image_store" / split)
+        b = read_split(fresh / "data/03_primary/image_store" / split)
+        assert [x["image"] for x in a] == [y["image"] for y in b] and len(a) == len(b)

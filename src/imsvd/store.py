@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from litdata import StreamingDataset
 from litdata.streaming.writer import BinaryWriter
 from PIL import Image
@@ -245,11 +246,12 @@ def _rows_digest(digests: Any) -> str:
     return hashlib.sha256("\n".join(map(str, digests)).encode()).hexdigest()
 
 
-def _write_stamp(folder: Path, data: ImageData) -> None:
+def _write_stamp(folder: Path, data: ImageData, shape: tuple[int, ...] | None = None) -> None:
     stamp = {
         "version": STORE_VERSION,
         "fingerprint": data.fingerprint,
         "rows_digest": _rows_digest(row_digests(data.images)),
+        "shape": list(shape[1:]) if shape else None,  # the common size the digests were taken at
     }
     (folder / STAMP).write_text(json.dumps(stamp))
 
@@ -381,18 +383,79 @@ class StoredImages(LazyImages):
 
 @dataclass(frozen=True)
 class EncodedFile:
-    """What a worker sends back for one file: the bytes to store and its canonical digest."""
+    """What a worker sends back for one file: the bytes to store, the canonical image's
+    digest and mean, the file's own hash, and whether the last store's record was reused."""
 
     payload: bytes
     kept: bool
     digest: str
     mean: float
+    file_sha256: str = ""
+    reused: bool = False
 
 
-def encode_file(path: Path, size: tuple[int, int], channels: int) -> EncodedFile:
+#: The streamed store's record of each file (``files.csv`` in the store folder): what a
+#: rerun needs to skip the files that did not change.
+FILES = "files.csv"
+FILE_COLUMNS = ("path", "file_sha256", "sha256", "mean_intensity", "kept", "split", "position")
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """The last streamed store's record of the files, for :func:`encode_file` to reuse.
+
+    Attributes:
+        directory: that store.
+        files: per path, ``(file_sha256, sha256, mean, kept, split, position)``.
+    """
+
+    directory: Path
+    files: dict[str, tuple[str, str, float, bool, str, int]]
+
+
+def last_record(target: Path, shape: tuple[int, int, int, int]) -> Unchanged | None:
+    """The record of the streamed store at ``target`` when its images were read at the
+    same common size and channels (the digests depend on it), else ``None``."""
+    try:
+        stamp = json.loads((target / STAMP).read_text())
+        table = pd.read_csv(
+            target / FILES, dtype={"path": str, "file_sha256": str, "sha256": str, "split": str}
+        )
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    if stamp.get("version") != STORE_VERSION or list(table.columns) != list(FILE_COLUMNS):
+        return None
+    if stamp.get("shape") != list(shape[1:]):
+        logger.info(
+            "the common image size changed since the last validation (%s, now %s): every file is decoded again",
+            stamp.get("shape"),
+            list(shape[1:]),
+        )
+        return None
+    rows = zip(*(table[c].tolist() for c in FILE_COLUMNS), strict=True)
+    return Unchanged(target, {r[0]: (r[1], r[2], float(r[3]), bool(r[4]), r[5], int(r[6])) for r in rows})
+
+
+_LAST_STORE: dict[tuple[int, str], StreamingDataset] = {}
+
+
+def _last_store_item(directory: Path, split: str, position: int) -> bytes:
+    key = (os.getpid(), split)  # each worker opens its own reader
+    if key not in _LAST_STORE:
+        _LAST_STORE[key] = StreamingDataset(str(directory / split), shuffle=False)
+    return bytes(_LAST_STORE[key][position]["image"])
+
+
+def encode_file(
+    path: Path, size: tuple[int, int], channels: int, unchanged: Unchanged | None = None
+) -> EncodedFile:
     """Read and decode one file once: the bytes to store (its own, or lossless PNG of the
     canonical image at its own size) and the digest and mean of the canonical image at
     the common ``size``, as the in-memory path computes them.
+
+    When the last streamed store holds this path with the same content (SHA-256 of the
+    file's bytes), nothing is decoded: its digest and mean are the record's, and its bytes
+    the file's own or, when they were converted, the last store's PNG.
 
     Raises:
         DataError: with the reason, when the file cannot be read or decoded.
@@ -401,6 +464,12 @@ def encode_file(path: Path, size: tuple[int, int], channels: int) -> EncodedFile
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot be read ({exc})") from None
+    file_sha = hashlib.sha256(raw).hexdigest()
+    before = unchanged.files.get(str(path)) if unchanged is not None else None
+    if before is not None and before[0] == file_sha and unchanged is not None:
+        _, digest, mean, kept, split, position = before
+        payload = raw if kept else _last_store_item(unchanged.directory, split, position)
+        return EncodedFile(payload, kept, digest, mean, file_sha, reused=True)
     with pillow_errors(), Image.open(io.BytesIO(raw)) as img:
         kept = img.format in KEPT_FORMATS and img.mode in KEPT_MODES
         img.load()
@@ -409,7 +478,9 @@ def encode_file(path: Path, size: tuple[int, int], channels: int) -> EncodedFile
         raise DataError(f"decoded to {array.shape[2]} channels, its header said {channels}")
     canonical = resize_array(array, size)
     payload = raw if kept else png_bytes(array)
-    return EncodedFile(payload, kept, pixel_sha256(canonical), float(canonical.mean(dtype=np.float64)))
+    return EncodedFile(
+        payload, kept, pixel_sha256(canonical), float(canonical.mean(dtype=np.float64)), file_sha
+    )
 
 
 def stream_into_store(
@@ -440,9 +511,12 @@ def stream_into_store(
         position = np.zeros(n, dtype=np.int64)
         digests = np.empty(n, dtype=object)
         means = np.zeros(n, dtype=np.float64)
-        kept = 0
+        reused = 0
+        kept = np.zeros(n, dtype=bool)
+        file_sha = np.empty(n, dtype=object)
         failures: list[str] = []
-        encode = functools.partial(encode_file, size=(height, width), channels=channels)
+        unchanged = last_record(target, pending.shape)
+        encode = functools.partial(encode_file, size=(height, width), channels=channels, unchanged=unchanged)
         with bomb_limit(pending.max_image_pixels):
             results = decoding.map_files(
                 encode,
@@ -466,8 +540,9 @@ def stream_into_store(
                     "image": encoded.payload,
                 }
                 counts[split] += 1
-                digests[i], means[i] = encoded.digest, encoded.mean
-                kept += encoded.kept
+                digests[i], means[i], file_sha[i] = encoded.digest, encoded.mean, encoded.file_sha256
+                kept[i] = encoded.kept
+                reused += encoded.reused
         if failures:
             raise DataError(f"{len(failures)} unreadable image file(s): {_name_files(failures)}")
         shard_of = np.empty(n, dtype=object)
@@ -480,27 +555,48 @@ def stream_into_store(
             shard_of[rows] = np.asarray(shards, dtype=object)[position[rows]]
         stored = StoredImages(staging, data.splits, position, pending.shape, digests, means)
         result = ImageData(stored, data.labels, data.splits, data.ids, data.class_names)
-        _write_stamp(staging, result)
+        record = {
+            "path": pending.paths,
+            "file_sha256": file_sha,
+            "sha256": digests,
+            "mean_intensity": means,
+            "kept": kept,
+            "split": data.splits,
+            "position": position,
+        }
+        pd.DataFrame(record, columns=list(FILE_COLUMNS)).to_csv(staging / FILES, index=False)
+        _write_stamp(staging, result, pending.shape)
         stored.index = {
             "version": STORE_VERSION,
             "directory": str(target),
             "fingerprint": result.fingerprint,
             "splits": splits,
-            "kept_files": kept,
-            "png_files": n - kept,
+            "kept_files": int(kept.sum()),
+            "png_files": int(n - kept.sum()),
             "streamed": True,
+            "reused_files": reused,
             "shards": [str(s) for s in shard_of],
         }
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _LAST_STORE.clear()  # the last store is replaced once this one is published
     logger.info(
         "image store %s (staged): %s images streamed (%d files kept as they were, %d stored as PNG)",
         target,
         " + ".join(f"{s['images']:,} {name}" for name, s in splits.items()),
-        kept,
-        n - kept,
+        kept.sum(),
+        n - kept.sum(),
     )
+    if unchanged is not None:
+        logger.info(
+            "%d of %d files unchanged since the last validation (same path, same SHA-256): reused, "
+            "not decoded; %d decoded",
+            reused,
+            n,
+            n - reused,
+        )
     return result
 
 
