@@ -548,3 +548,16 @@ def test_pipeline_runs_on_a_real_catalog(tmp_path: Path, digits: np.ndarray) -> 
     SequentialRunner().run(pipeline, catalog)
     manifest = json.loads(manifest_path.read_text())
     assert manifest["shape"] == [16, 2, 1, 16, 16] and manifest["fingerprint"] == data.fingerprint
+
+
+def test_at_most_shrinks_only_large_images_and_model_input_then_sees_the_same_pixels() -> None:
+    from imsvd.preprocess import at_most, model_input
+
+    rng = np.random.default_rng(3)
+    large = rng.integers(0, 256, (70, 40, 36, 3), dtype=np.uint8)
+    kept = at_most(large, 16, batch_size=32)
+    assert kept.shape == (70, 16, 16, 3) and kept.dtype == np.uint8
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    assert torch.equal(model_input(kept, 16, mean, std), model_input(large, 16, mean, std))
+    small = large[:, :8, :8]
+    np.testing.assert_array_equal(at_most(small, 16), small)  # never upsampled to be kept

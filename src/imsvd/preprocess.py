@@ -70,6 +70,25 @@ def random_hflip(batch: torch.Tensor, generator: torch.Generator, p: float = 0.5
     return torch.where(flip, batch.flip(-1), batch)
 
 
+def at_most(images: Images, size: int, batch_size: int = 64) -> np.ndarray:
+    """``images`` (N, H, W, C) uint8 in memory, those larger than ``size`` x ``size``
+    resized to it as :func:`model_input` resizes them, in batches.
+
+    For slices that are kept across a run (the online monitor's): photos read from the
+    store at their common size would otherwise be held at that size. :func:`model_input`
+    then resizes nothing, so the encoder sees the same pixels.
+    """
+    n, height, width, _ = images.shape
+    if height * width <= size * size:
+        return np.asarray(images[np.arange(n)])
+    resize = v2.Resize((size, size), antialias=True)
+    parts = []
+    for start in range(0, n, batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        parts.append(resize(x).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, size, size, images.shape[3]), np.uint8)
+
+
 def model_input(images: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``(N, H, W, C)`` images -> normalised float32 ``(N, C, size, size)``.
 

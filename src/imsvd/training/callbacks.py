@@ -17,9 +17,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from imsvd.config import MonitorConfig
-from imsvd.data import Images
+from imsvd.data import Images, take
 from imsvd.inference import extract_features
 from imsvd.metrics import knn_accuracy
+from imsvd.preprocess import at_most
 from imsvd.training.resume import INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class OnlineKNN(Callback):
         seed: int,
     ) -> None:
         order = np.random.default_rng(seed).permutation(len(images))[: cfg.images]
-        self.images = images[order]
+        self.images = at_most(take(images, order), size)  # photos are kept at the encoder's input size
         self.labels = np.asarray(labels)[order]
         self.bank = max(1, int(round(0.8 * len(order))))
         self.size, self.mean, self.std = size, mean, std
