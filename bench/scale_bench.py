@@ -83,6 +83,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50, help="pretraining steps (one capped epoch)")
     parser.add_argument("--views", type=int, default=2, help="views per image in the cache")
     parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order"
+    )
+    parser.add_argument(
         "--max-in-memory-mb",
         type=float,
         default=0,
@@ -121,7 +124,7 @@ def main() -> int:
                     "pretrain.monitor.every_n_steps=0",
                 ]
             )
-            for stage in STAGES:
+            for stage in args.stages:
                 command = [sys.executable, "-m", "kedro", "run", f"--pipeline={stage}", "--params", params]
                 result = measure_stage(command, project, env)
                 count = args.steps * 256 if stage == "pretrain" else n
@@ -144,7 +147,7 @@ def main() -> int:
     sizes = sorted({n for n, *_ in rows})
     if len(sizes) == 2:
         small, large = sizes
-        for stage in STAGES:
+        for stage in args.stages:
             a = next(r for n, s, r, _ in rows if n == small and s == stage)
             b = next(r for n, s, r, _ in rows if n == large and s == stage)
             print(f"{stage}: peak PSS at {large:,} / at {small:,} = x{b['pss'] / a['pss']:.2f}")
