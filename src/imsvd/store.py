@@ -10,7 +10,9 @@ and mosaicml-streaming brings its own launcher conventions.
 Layout (``data/03_primary/image_store`` by default)::
 
     image_store/
-      store.json  the version and the fingerprint of the data it holds
+      store.json  the version, the fingerprint of the data it holds, and its rows' digest
+      files.csv   (streamed stores) each file's path, hash, digest, mean and place: what a
+                  rerun on a grown folder reuses instead of decoding
       train/   index.json, chunk-0-0.bin, chunk-0-1.bin ...   (one litdata dataset)
       test/    index.json, chunk-0-0.bin ...
 
