@@ -116,6 +116,10 @@ def _rows(x: ArrayLike, name: str) -> tuple[int, int]:
     return int(x.shape[0]), int(x.shape[1])
 
 
+#: The largest normalised block of training features the kNN holds at once.
+TRAIN_CHUNK_BYTES = 256 * 2**20
+
+
 def knn_scores(
     train_features: ArrayLike,
     train_labels: ArrayLike,
@@ -168,6 +172,10 @@ def knn_scores(
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     k = min(k, n_train)
     dtype = _as_float(train_features[:1], "train_features", 2).dtype  # float64 kept, else float32
+    # Wide features (raw pixels: 12,288 values per 64 x 64 RGB image) would make one chunk of
+    # 65,536 rows several GiB: the chunk is also capped in bytes.
+    itemsize = torch.finfo(dtype).bits // 8
+    train_chunk_size = max(1, min(train_chunk_size, TRAIN_CHUNK_BYTES // max(1, width * itemsize)))
 
     def train_block(start: int) -> torch.Tensor:
         rows = train_features[start : start + train_chunk_size]
