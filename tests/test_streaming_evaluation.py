@@ -119,9 +119,45 @@ def test_raw_pixels_keep_small_images_and_shrink_large_ones_to_the_encoder_input
 
     rng = np.random.default_rng(2)
     small = rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
-    np.testing.assert_array_equal(raw_pixels(small, max_side=16), small.reshape(50, -1) / np.float32(255))
+    kept = raw_pixels(small, max_side=16)
+    assert kept.dtype == np.uint8
+    np.testing.assert_array_equal(kept, small.reshape(50, -1))
     large = rng.integers(0, 256, (40, 48, 40, 3), dtype=np.uint8)
     shrunk = raw_pixels(large, max_side=16, batch_size=7, max_in_memory_mb=0.01, scratch=tmp_path)
     assert isinstance(shrunk, np.memmap) and shrunk.shape == (40, 16 * 16 * 3)  # over the budget: on disk
+    # the encoder's input, scaled back to pixel units: the baseline sees what the encoder sees
     expected = model_input(large, 16, (0.0,) * 3, (1.0,) * 3).permute(0, 2, 3, 1).reshape(40, -1).numpy()
-    np.testing.assert_allclose(shrunk, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(shrunk / np.float32(255), expected, rtol=0, atol=1e-6)
+
+
+def test_uint8_pixels_score_as_the_same_pixels_in_0_1():
+    """Why raw pixels may stay uint8: cosine kNN and the standardised probe ignore the scale."""
+    x, y = load_digits(return_X_y=True)
+    pixels = (x * 255 / 16).round().astype(np.uint8)
+    train, test = slice(0, 1200), slice(1200, None)
+    scaled = pixels.astype(np.float32) / 255
+    knn = [ev.knn_accuracy(f[train], y[train], f[test], y[test]) for f in (pixels, scaled)]
+    assert knn[0] == knn[1] and knn[0][1] > 0.9
+    probe = [ev.linear_probe(f[train], y[train], f[test], y[test], epochs=50) for f in (pixels, scaled)]
+    assert probe[0] == probe[1] and probe[0][1] > 0.9
+    budget = 0.5 * pixels[train].size * ev.FULL_BATCH_BYTES / 2**20  # mini-batches
+    minis = [
+        ev.linear_probe(f[train], y[train], f[test], y[test], memory_budget_mb=budget, batch_size=128)
+        for f in (pixels, scaled)
+    ]
+    assert abs(minis[0][1] - minis[1][1]) <= 0.005, minis
+
+
+def test_a_wide_mini_batch_in_pieces_is_the_same_step(monkeypatch):
+    """Batches wider than PIECE_BYTES are split and their gradients summed: the same probe."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(600, 96)).astype(np.float32)
+    y = (x[:, :3].sum(1) > 0).astype(np.int64) + 2 * (x[:, 3] > 0)
+    args = (x[:500], y[:500], x[500:], y[500:])
+    budget = 0.5 * x[:500].size * ev.FULL_BATCH_BYTES / 2**20
+    kwargs = dict(memory_budget_mb=budget, batch_size=128, minibatch_epochs=5)
+    whole = ev.linear_probe(*args, **kwargs)
+    monkeypatch.setattr(ev, "PIECE_BYTES", 96 * 8 * 10)  # pieces of 10 rows
+    pieces = ev.linear_probe(*args, **kwargs)
+    assert whole[1] > 0.6
+    assert pieces == whole
