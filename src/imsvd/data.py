@@ -129,7 +129,7 @@ class ImageData:
         class_names: names of the label indices, in index order.
     """
 
-    images: np.ndarray | LazyImages
+    images: Images
     labels: np.ndarray
     splits: np.ndarray
     ids: np.ndarray

@@ -197,13 +197,27 @@ def write_image_store(
         converted["kept"],
         converted["png"],
     )
+    return _store_index(target, data.fingerprint, splits, converted["kept"], converted["png"], shard_of)
+
+
+def _store_index(
+    target: Path,
+    fingerprint: str,
+    splits: dict[str, Any],
+    kept: int,
+    png: int,
+    shard_of: np.ndarray,
+    **extra: Any,
+) -> dict[str, Any]:
+    """``image_store.json``: what the store holds, and the chunk of every image."""
     return {
         "version": STORE_VERSION,
         "directory": str(target),
-        "fingerprint": data.fingerprint,
+        "fingerprint": fingerprint,
         "splits": splits,
-        "kept_files": converted["kept"],
-        "png_files": converted["png"],
+        "kept_files": int(kept),
+        "png_files": int(png),
+        **extra,
         "shards": [str(s) for s in shard_of],
     }
 
@@ -260,6 +274,29 @@ def _write_stamp(folder: Path, data: ImageData, shape: tuple[int, ...] | None = 
     (folder / STAMP).write_text(json.dumps(stamp))
 
 
+#: litdata readers of store splits, per process, folder and version of its index:
+#: DataLoader workers, DDP ranks and validation's decoding workers each open their own (a
+#: fork's copies are ignored), and a store replaced at the same path is opened afresh.
+_READERS: dict[tuple[int, str, int, int], StreamingDataset] = {}
+
+
+def stored_item(directory: Path, split: str, position: int) -> bytes:
+    """The stored bytes of item ``position`` of ``directory``'s ``split`` folder."""
+    folder = str(Path(directory) / split)
+    index = os.stat(os.path.join(folder, "index.json"))
+    key = (os.getpid(), folder, index.st_ino, index.st_mtime_ns)
+    if key not in _READERS:
+        _READERS[key] = StreamingDataset(folder, shuffle=False)
+    return bytes(_READERS[key][position]["image"])
+
+
+def _forget_readers(directory: Path) -> None:
+    """Drop this process's readers of ``directory`` (moved, replaced or removed)."""
+    prefix = str(Path(directory)) + os.sep
+    for key in [k for k in _READERS if k[1].startswith(prefix)]:
+        del _READERS[key]
+
+
 class StoredImages(LazyImages):
     """Validated images read from the image store, one row at a time, at one common size.
 
@@ -296,26 +333,16 @@ class StoredImages(LazyImages):
         self.digests = np.asarray(digests, dtype=str)
         self.means = np.asarray(means, dtype=np.float64)
         self.index = index or {}
-        self._datasets: dict[tuple[int, str], StreamingDataset] = {}
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return self._shape  # type: ignore[return-value]
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_datasets": {}}  # litdata's readers stay in their process
-
-    def _dataset(self, split: str) -> StreamingDataset:
-        key = (os.getpid(), split)
-        if key not in self._datasets:
-            self._datasets[key] = StreamingDataset(str(self.directory / split), shuffle=False)
-        return self._datasets[key]
-
     def read(self, rows: np.ndarray) -> np.ndarray:
         _, height, width, channels = self.shape
         out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
         for k, i in enumerate(rows):
-            raw = self._dataset(str(self.split[i]))[int(self.position[i])]["image"]
+            raw = stored_item(self.directory, str(self.split[i]), int(self.position[i]))
             out[k] = resize_array(decode_stored(raw), (height, width))
         return out
 
@@ -416,6 +443,16 @@ class Unchanged:
     directory: Path
     files: dict[str, tuple[str, str, float, bool, str, int]]
 
+    def reuse(self, path: Path, raw: bytes, file_sha256: str) -> EncodedFile | None:
+        """The last store's record of ``path`` when the file is unchanged (same SHA-256):
+        its bytes (the file's own, or the last store's PNG), digest and mean."""
+        before = self.files.get(str(path))
+        if before is None or before[0] != file_sha256:
+            return None
+        _, digest, mean, kept, split, position = before
+        payload = raw if kept else stored_item(self.directory, split, position)
+        return EncodedFile(payload, kept, digest, mean, file_sha256, reused=True)
+
 
 def last_record(target: Path, shape: tuple[int, int, int, int]) -> Unchanged | None:
     """The record of the streamed store at ``target`` when its images were read at the
@@ -440,16 +477,6 @@ def last_record(target: Path, shape: tuple[int, int, int, int]) -> Unchanged | N
     return Unchanged(target, {r[0]: (r[1], r[2], float(r[3]), bool(r[4]), r[5], int(r[6])) for r in rows})
 
 
-_LAST_STORE: dict[tuple[int, str], StreamingDataset] = {}
-
-
-def _last_store_item(directory: Path, split: str, position: int) -> bytes:
-    key = (os.getpid(), split)  # each worker opens its own reader
-    if key not in _LAST_STORE:
-        _LAST_STORE[key] = StreamingDataset(str(directory / split), shuffle=False)
-    return bytes(_LAST_STORE[key][position]["image"])
-
-
 def encode_file(
     path: Path, size: tuple[int, int], channels: int, unchanged: Unchanged | None = None
 ) -> EncodedFile:
@@ -469,11 +496,9 @@ def encode_file(
     except OSError as exc:
         raise DataError(f"cannot be read ({exc})") from None
     file_sha = hashlib.sha256(raw).hexdigest()
-    before = unchanged.files.get(str(path)) if unchanged is not None else None
-    if before is not None and before[0] == file_sha and unchanged is not None:
-        _, digest, mean, kept, split, position = before
-        payload = raw if kept else _last_store_item(unchanged.directory, split, position)
-        return EncodedFile(payload, kept, digest, mean, file_sha, reused=True)
+    reused = unchanged.reuse(path, raw, file_sha) if unchanged is not None else None
+    if reused is not None:
+        return reused
     with pillow_errors(), Image.open(io.BytesIO(raw)) as img:
         kept = img.format in KEPT_FORMATS and img.mode in KEPT_MODES
         img.load()
@@ -570,22 +595,21 @@ def stream_into_store(
         }
         pd.DataFrame(record, columns=list(FILE_COLUMNS)).to_csv(staging / FILES, index=False)
         _write_stamp(staging, result, pending.shape)
-        stored.index = {
-            "version": STORE_VERSION,
-            "directory": str(target),
-            "fingerprint": result.fingerprint,
-            "splits": splits,
-            "kept_files": int(kept.sum()),
-            "png_files": int(n - kept.sum()),
-            "streamed": True,
-            "reused_files": reused,
-            "shards": [str(s) for s in shard_of],
-        }
+        stored.index = _store_index(
+            target,
+            result.fingerprint,
+            splits,
+            kept.sum(),
+            n - kept.sum(),
+            shard_of,
+            streamed=True,
+            reused_files=reused,
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        _LAST_STORE.clear()  # the last store is replaced once this one is published
+        _forget_readers(target)  # the last store is replaced once this one is published
     logger.info(
         "image store %s (staged): %s images streamed (%d files kept as they were, %d stored as PNG)",
         target,
@@ -613,6 +637,8 @@ def publish_stream(data: ImageData, target: Path) -> tuple[ImageData, dict[str, 
     stored = data.images
     if not isinstance(stored, StoredImages):
         raise DataError(f"publish_stream needs StoredImages, got {type(stored).__name__}")
+    _forget_readers(stored.directory)
+    _forget_readers(target)
     publish(stored.directory, target)
     moved = stored.moved_to(target)
     logger.info("image store %s: published", target)
@@ -622,4 +648,5 @@ def publish_stream(data: ImageData, target: Path) -> tuple[ImageData, dict[str, 
 def discard_stream(data: ImageData) -> None:
     """Remove the staging folder of a streamed store that validation refused."""
     if isinstance(data.images, StoredImages) and data.images.directory.name.endswith(".tmp"):
+        _forget_readers(data.images.directory)
         shutil.rmtree(data.images.directory, ignore_errors=True)
