@@ -42,7 +42,7 @@ def digits() -> ImageData:
 
 def test_labelled_split_gets_every_protocol_and_baseline(digits):
     cfg = EvaluateConfig(linear_epochs=20)
-    metrics = evaluate.compute_metrics(digits, evaluate.embed(digits, payload(), cfg), cfg)
+    metrics = evaluate.compute_metrics(evaluate.embed(digits, payload(), cfg), cfg)
     for key in [
         "knn_top1",
         "knn_top5",
@@ -83,7 +83,7 @@ def test_unlabelled_test_split_is_reported_not_a_crash(digits, caplog):
     cfg = EvaluateConfig(linear_epochs=5)
     caplog.set_level(logging.WARNING, logger="imsvd.evaluate")
     embeddings = evaluate.embed(unlabelled, payload(), cfg)
-    metrics = evaluate.compute_metrics(unlabelled, embeddings, cfg)
+    metrics = evaluate.compute_metrics(embeddings, cfg)
     assert metrics["labelled"] == 0
     assert "kNN and linear probe skipped" in metrics["note"]
     assert "knn_top1" not in metrics and "effective_rank" in metrics

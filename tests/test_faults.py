@@ -366,14 +366,14 @@ def test_collapse_is_flagged_with_a_reason_and_a_warning(caplog):
     collapsed["state_dict"][last_weight] = torch.zeros_like(healthy["state_dict"][last_weight])
 
     with caplog.at_level(logging.WARNING, logger="imsvd.evaluate"):
-        bad = evaluate.compute_metrics(data, evaluate.embed(data, collapsed, cfg), cfg)
+        bad = evaluate.compute_metrics(evaluate.embed(data, collapsed, cfg), cfg)
     assert bad["collapsed"] is True
     assert bad["collapse_reason"]
     assert any("representation collapse" in r.getMessage() for r in caplog.records)
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="imsvd.evaluate"):
-        good = evaluate.compute_metrics(data, evaluate.embed(data, healthy, cfg), cfg)
+        good = evaluate.compute_metrics(evaluate.embed(data, healthy, cfg), cfg)
     assert good["collapsed"] is False and "collapse_reason" not in good
     assert not any("representation collapse" in r.getMessage() for r in caplog.records)
 

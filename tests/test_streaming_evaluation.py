@@ -161,3 +161,46 @@ def test_a_wide_mini_batch_in_pieces_is_the_same_step(monkeypatch):
     pieces = ev.linear_probe(*args, **kwargs)
     assert whole[1] > 0.6
     assert pieces == whole
+
+
+class _CountingImages:
+    """Images that count the rows read, as the image store decodes them."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images, self.rows_read = images, 0
+        self.shape, self.dtype, self.ndim = images.shape, images.dtype, images.ndim
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        rows = self.images[index]
+        self.rows_read += len(rows)
+        return rows
+
+
+def test_one_pass_reads_each_image_once_and_matches_the_separate_passes(tmp_path):
+    from imsvd.inference import embed_split, raw_pixels
+
+    torch.manual_seed(0)
+    encoders = [build_encoder("resnet18_cifar", 0.125, (32, 32), 3) for _ in range(2)]
+    images = np.random.default_rng(6).integers(0, 256, size=(70, 24, 20, 3), dtype=np.uint8)
+    counting = _CountingImages(images)
+    features, pixels = embed_split(
+        encoders,
+        counting,
+        16,
+        [0.5] * 3,
+        [0.25] * 3,
+        32,
+        max_in_memory_mb=0.01,
+        scratch=tmp_path,
+        pixels=True,
+    )
+    assert counting.rows_read == len(images)  # both encoders and the pixels from one read
+    for encoder, got in zip(encoders, features, strict=True):
+        alone = extract_features(encoder, images, 16, [0.5] * 3, [0.25] * 3, 32)
+        assert isinstance(got.backbone, np.memmap)  # over the budget: on disk
+        np.testing.assert_allclose(got.backbone, alone.backbone, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.projector, alone.projector, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pixels, raw_pixels(images, max_side=16))

@@ -37,13 +37,9 @@ def embed_images(
         raise UntrustedFileError(f"the encoder from pretrain (catalog entry 'encoder'): {exc}") from None
 
 
-def compute_metrics(
-    validated_images: ImageData, embeddings: Embeddings, evaluate_params: dict[str, Any]
-) -> dict[str, Any]:
+def compute_metrics(embeddings: Embeddings, evaluate_params: dict[str, Any]) -> dict[str, Any]:
     """kNN, linear probe, redundancy and discrete-code metrics as flat keys."""
-    return evaluate.compute_metrics(
-        validated_images, embeddings, parse(EvaluateConfig, evaluate_params, "evaluate")
-    )
+    return evaluate.compute_metrics(embeddings, parse(EvaluateConfig, evaluate_params, "evaluate"))
 
 
 def draw_pictures(

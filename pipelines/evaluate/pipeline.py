@@ -16,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 compute_metrics,
-                inputs=["validated_images", "embeddings", "params:evaluate"],
+                inputs=["embeddings", "params:evaluate"],
                 outputs="metrics",
                 name="compute_metrics",
             ),

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from imsvd.checkpoints import load_encoder
 from imsvd.config import EvaluateConfig, PretrainConfig
 from imsvd.data import TEST, TRAIN, ImageData, is_labelled
-from imsvd.inference import Features, extract_features, images_per_second, raw_pixels
+from imsvd.inference import Features, embed_split, images_per_second
 from imsvd.losses import joint_distribution, soft_discretize
 from imsvd.metrics import (
     bin_usage,
@@ -48,12 +48,15 @@ UNLABELLED_NOTE = (
 
 @dataclass(frozen=True)
 class Embeddings:
-    """Frozen features of the train and test splits, for the trained and a random encoder."""
+    """Frozen features of the train and test splits, for the trained and a random encoder,
+    and the raw-pixel baseline's (uint8, at most the encoder's input size)."""
 
     train: Features
     test: Features
     random_train: Features
     random_test: Features
+    raw_train: np.ndarray
+    raw_test: np.ndarray
     train_labels: np.ndarray
     test_labels: np.ndarray
     images_per_second: float
@@ -75,10 +78,11 @@ def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig)
 
     scratch = Path(cfg.scratch_dir) if cfg.scratch_dir else None
 
-    def features(model: torch.nn.Module, split: ImageData) -> Features:
-        # Four feature sets share the budget: trained and random encoder, train and test.
-        return extract_features(
-            model,
+    def one_pass(split: ImageData) -> tuple[list[Features], np.ndarray]:
+        # Each split is read once (from the image store: decoded once) for both encoders
+        # and the pixels. Four feature sets and two pixel tables share the budget.
+        features, pixels = embed_split(
+            [loaded.encoder, random_encoder],
             split.images,
             loaded.image_size,
             loaded.mean,
@@ -86,14 +90,21 @@ def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig)
             cfg.batch_size,
             max_in_memory_mb=cfg.memory_budget_mb / 4,
             scratch=scratch,
+            pixels=True,
         )
+        assert pixels is not None
+        return features, pixels
 
     log.info("extracting features of %d train and %d test images", len(train.images), len(test.images))
+    (trained_train, random_train), raw_train = one_pass(train)
+    (trained_test, random_test), raw_test = one_pass(test)
     return Embeddings(
-        train=features(loaded.encoder, train),
-        test=features(loaded.encoder, test),
-        random_train=features(random_encoder, train),
-        random_test=features(random_encoder, test),
+        train=trained_train,
+        test=trained_test,
+        random_train=random_train,
+        random_test=random_test,
+        raw_train=raw_train,
+        raw_test=raw_test,
         train_labels=train.labels,
         test_labels=test.labels,
         images_per_second=images_per_second(loaded.encoder, loaded.in_channels, loaded.image_size),
@@ -204,7 +215,7 @@ def collapse_metrics(
     return out
 
 
-def labelled_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> dict[str, float]:
+def labelled_metrics(emb: Embeddings, cfg: EvaluateConfig) -> dict[str, float]:
     """Accuracies of the trained encoder, its projector and codes, raw pixels, a random encoder."""
     ty, vy = emb.train_labels, emb.test_labels
     out = downstream(emb.train.backbone, ty, emb.test.backbone, vy, cfg)
@@ -212,17 +223,7 @@ def labelled_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> d
         emb.train.projector, ty, emb.test.projector, vy, k=cfg.knn_k, temperature=cfg.knn_temperature, ks=(1,)
     )
     out["knn_top1_projector"] = 100.0 * projector_knn[1]
-    scratch = Path(cfg.scratch_dir) if cfg.scratch_dir else None
-    raw_train, raw_test = (
-        raw_pixels(
-            data.split(split).images,
-            max_side=emb.image_size or None,
-            max_in_memory_mb=cfg.memory_budget_mb / 4,
-            scratch=scratch,
-        )
-        for split in (TRAIN, TEST)
-    )
-    out.update(downstream(raw_train, ty, raw_test, vy, cfg, "_raw_pixels"))
+    out.update(downstream(emb.raw_train, ty, emb.raw_test, vy, cfg, "_raw_pixels"))
     out.update(
         downstream(emb.random_train.backbone, ty, emb.random_test.backbone, vy, cfg, "_random_encoder")
     )
@@ -240,7 +241,7 @@ def labelled_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> d
     return out
 
 
-def compute_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> dict[str, Any]:
+def compute_metrics(emb: Embeddings, cfg: EvaluateConfig) -> dict[str, Any]:
     """Every evaluation figure as flat keys (``knn_top1``, ``effective_rank`` ...).
 
     Accuracies are percentages. An unlabelled split is reported (``labelled``: 0 and
@@ -255,7 +256,7 @@ def compute_metrics(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> di
     labelled = is_labelled(emb.test_labels) and is_labelled(emb.train_labels)
     out["labelled"] = int(labelled)
     if labelled:
-        out.update(labelled_metrics(data, emb, cfg))
+        out.update(labelled_metrics(emb, cfg))
     else:
         out["note"] = UNLABELLED_NOTE
         log.warning(UNLABELLED_NOTE)

@@ -51,6 +51,74 @@ def _allocate(
 
 
 @torch.no_grad()
+def embed_split(
+    encoders: Sequence[nn.Module],
+    images: Images,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    max_in_memory_mb: float | None = None,
+    scratch: Path | None = None,
+    pixels: bool = False,
+) -> tuple[list[Features], np.ndarray | None]:
+    """One pass over ``images``: each encoder's features and, with ``pixels``, the raw-pixel
+    baseline's, reading (for the image store: decoding) every image once.
+
+    Each batch is shrunk to the encoder's input once (:func:`at_most`), then goes through
+    :func:`imsvd.preprocess.model_input`, the normalisation training uses, for every
+    encoder (eval mode). Each output is written into arrays allocated once; when an
+    encoder's two outputs together, or the pixels, would exceed ``max_in_memory_mb``
+    they are memory maps on disk (in ``scratch``, the system's temporary folder by
+    default), which the kNN and the linear probe read in chunks.
+
+    Returns:
+        (one :class:`Features` per encoder, the pixels as :func:`raw_pixels` makes them or
+        ``None``).
+    """
+    for encoder in encoders:
+        encoder.eval()
+    n, height, width, channels = images.shape
+    shrink = height * width > size * size
+    folder = scratch or Path(tempfile.gettempdir())
+    outputs: list[tuple[np.ndarray, np.ndarray]] = []
+    flat: np.ndarray | None = None
+    if pixels:
+        dims = (size * size if shrink else height * width) * channels
+        on_disk = max_in_memory_mb is not None and n * dims > max_in_memory_mb * 2**20
+        flat = _allocate(n, dims, folder if on_disk else None, "pixels", np.uint8)
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        if shrink:
+            batch = at_most(batch, size)  # model_input's own resize, done once for every use
+        if flat is not None:
+            flat[start : start + len(batch)] = batch.reshape(len(batch), -1)
+        if not encoders:
+            continue
+        x = model_input(batch, size, mean, std)
+        for k, encoder in enumerate(encoders):
+            h, z = encoder(x.to(next(encoder.parameters()).device))
+            if start == 0:
+                too_big = (
+                    max_in_memory_mb is not None
+                    and n * (h.shape[1] + z.shape[1]) * 4 > max_in_memory_mb * 2**20
+                )
+                where = folder if too_big else None
+                outputs.append(
+                    (
+                        _allocate(n, h.shape[1], where, "backbone"),
+                        _allocate(n, z.shape[1], where, "projector"),
+                    )
+                )
+            backbone, projector = outputs[k]
+            backbone[start : start + len(h)] = h.float().cpu().numpy()
+            projector[start : start + len(z)] = z.float().cpu().numpy()
+    if n == 0:
+        empty = np.zeros((0, 0), dtype=np.float32)
+        outputs = [(empty, empty) for _ in encoders]
+    return [Features(b, z) for b, z in outputs], flat
+
+
 def extract_features(
     encoder: nn.Module,
     images: Images,
@@ -61,30 +129,10 @@ def extract_features(
     max_in_memory_mb: float | None = None,
     scratch: Path | None = None,
 ) -> Features:
-    """Backbone and projector outputs of the frozen encoder (eval mode) in batches.
-
-    Images go through :func:`imsvd.preprocess.model_input`, the normalisation training uses.
-    Each batch is written into arrays allocated once; when both together would exceed
-    ``max_in_memory_mb`` they are memory maps on disk (in ``scratch``, the system's
-    temporary folder by default), which the kNN and the linear probe read in chunks.
-    """
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    n = len(images)
-    backbone = projector = np.zeros((0, 0), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        x = model_input(images[start : start + batch_size], size, mean, std).to(device)
-        h, z = encoder(x)
-        if start == 0:
-            on_disk = (
-                max_in_memory_mb is not None and n * (h.shape[1] + z.shape[1]) * 4 > max_in_memory_mb * 2**20
-            )
-            folder = (scratch or Path(tempfile.gettempdir())) if on_disk else None
-            backbone = _allocate(n, h.shape[1], folder, "backbone")
-            projector = _allocate(n, z.shape[1], folder, "projector")
-        backbone[start : start + len(h)] = h.float().cpu().numpy()
-        projector[start : start + len(z)] = z.float().cpu().numpy()
-    return Features(backbone, projector)
+    """Backbone and projector outputs of the frozen encoder (eval mode) in batches: one
+    encoder's part of :func:`embed_split`."""
+    features, _ = embed_split([encoder], images, size, mean, std, batch_size, max_in_memory_mb, scratch)
+    return features[0]
 
 
 def raw_pixels(
@@ -107,18 +155,10 @@ def raw_pixels(
     standardisation do not see the scale, and the table is a quarter of the size (float32
     was 786 MB on 16,000 images of 64 x 64 RGB, all of it resident during evaluation).
     """
-    n, height, width, channels = images.shape
-    shrink = max_side is not None and height * width > max_side * max_side
-    dims = (max_side * max_side if shrink else height * width) * channels  # type: ignore[operator]
-    on_disk = max_in_memory_mb is not None and n * dims > max_in_memory_mb * 2**20
-    scratch_dir = (scratch or Path(tempfile.gettempdir())) if on_disk else None
-    out = _allocate(n, dims, scratch_dir, "pixels", np.uint8)
-    for start in range(0, n, batch_size):
-        batch = images[start : start + batch_size]
-        if shrink:
-            batch = at_most(batch, max_side)  # type: ignore[arg-type]
-        out[start : start + len(batch)] = batch.reshape(len(batch), -1)
-    return out
+    side = max_side if max_side is not None else max(images.shape[1], images.shape[2])
+    _, flat = embed_split([], images, side, (), (), batch_size, max_in_memory_mb, scratch, pixels=True)
+    assert flat is not None
+    return flat
 
 
 @torch.no_grad()
