@@ -113,17 +113,22 @@ def test_the_streaming_settings_are_checked(name):
         parse(EvaluateConfig, {name: 0}, "evaluate")
 
 
+def _pixels(images, side, **kwargs):
+    from imsvd.inference import embed_split
+
+    return embed_split([], images, side, (), (), pixels=True, **kwargs)[1]
+
+
 def test_raw_pixels_keep_small_images_and_shrink_large_ones_to_the_encoder_input(tmp_path):
-    from imsvd.inference import raw_pixels
     from imsvd.preprocess import model_input
 
     rng = np.random.default_rng(2)
     small = rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
-    kept = raw_pixels(small, max_side=16)
+    kept = _pixels(small, 16)
     assert kept.dtype == np.uint8
     np.testing.assert_array_equal(kept, small.reshape(50, -1))
     large = rng.integers(0, 256, (40, 48, 40, 3), dtype=np.uint8)
-    shrunk = raw_pixels(large, max_side=16, batch_size=7, max_in_memory_mb=0.01, scratch=tmp_path)
+    shrunk = _pixels(large, 16, batch_size=7, max_in_memory_mb=0.01, scratch=tmp_path)
     assert isinstance(shrunk, np.memmap) and shrunk.shape == (40, 16 * 16 * 3)  # over the budget: on disk
     # the encoder's input, scaled back to pixel units: the baseline sees what the encoder sees
     expected = model_input(large, 16, (0.0,) * 3, (1.0,) * 3).permute(0, 2, 3, 1).reshape(40, -1).numpy()
@@ -180,7 +185,8 @@ class _CountingImages:
 
 
 def test_one_pass_reads_each_image_once_and_matches_the_separate_passes(tmp_path):
-    from imsvd.inference import embed_split, raw_pixels
+    from imsvd.inference import embed_split
+    from imsvd.preprocess import at_most
 
     torch.manual_seed(0)
     encoders = [build_encoder("resnet18_cifar", 0.125, (32, 32), 3) for _ in range(2)]
@@ -203,4 +209,4 @@ def test_one_pass_reads_each_image_once_and_matches_the_separate_passes(tmp_path
         assert isinstance(got.backbone, np.memmap)  # over the budget: on disk
         np.testing.assert_allclose(got.backbone, alone.backbone, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.projector, alone.projector, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(pixels, raw_pixels(images, max_side=16))
+    np.testing.assert_array_equal(pixels, at_most(images, 16).reshape(len(images), -1))

@@ -61,7 +61,6 @@ class Embeddings:
     test_labels: np.ndarray
     images_per_second: float
     config: PretrainConfig
-    image_size: int = 0  # the encoder's input side
 
     @property
     def is_imsvd(self) -> bool:
@@ -109,7 +108,6 @@ def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig)
         test_labels=test.labels,
         images_per_second=images_per_second(loaded.encoder, loaded.in_channels, loaded.image_size),
         config=pre,
-        image_size=loaded.image_size,
     )
 
 

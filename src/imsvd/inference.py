@@ -65,19 +65,26 @@ def embed_split(
     """One pass over ``images``: each encoder's features and, with ``pixels``, the raw-pixel
     baseline's, reading (for the image store: decoding) every image once.
 
-    Each batch is shrunk to the encoder's input once (:func:`at_most`), then goes through
-    :func:`imsvd.preprocess.model_input`, the normalisation training uses, for every
+    Each batch is shrunk to the encoder's input once (:func:`at_most`, the uint8 resize of
+    :func:`model_input`), then normalised by :func:`model_input` as in training, for every
     encoder (eval mode). Each output is written into arrays allocated once; when an
     encoder's two outputs together, or the pixels, would exceed ``max_in_memory_mb``
     they are memory maps on disk (in ``scratch``, the system's temporary folder by
     default), which the kNN and the linear probe read in chunks.
 
+    The pixels are the flattened uint8 batch the encoders see: images larger than
+    ``size``² shrunk to it (photos of 512 x 512 do not make 786,432-dimensional
+    features), smaller ones (the digits, Fashion-MNIST at 28) at their own size. They stay
+    uint8, not floats in [0, 1]: the kNN's cosine and the linear probe's standardisation
+    do not see the scale, and the table is a quarter of the size (float32 was 786 MB on
+    16,000 images of 64 x 64 RGB, all of it resident during evaluation).
+
     Returns:
-        (one :class:`Features` per encoder, the pixels as :func:`raw_pixels` makes them or
-        ``None``).
+        (one :class:`Features` per encoder, the (N, pixels) uint8 table or ``None``).
     """
     for encoder in encoders:
         encoder.eval()
+    devices = [next(encoder.parameters()).device for encoder in encoders]
     n, height, width, channels = images.shape
     shrink = height * width > size * size
     folder = scratch or Path(tempfile.gettempdir())
@@ -96,8 +103,8 @@ def embed_split(
         if not encoders:
             continue
         x = model_input(batch, size, mean, std)
-        for k, encoder in enumerate(encoders):
-            h, z = encoder(x.to(next(encoder.parameters()).device))
+        for k, (encoder, device) in enumerate(zip(encoders, devices, strict=True)):
+            h, z = encoder(x.to(device))
             if start == 0:
                 too_big = (
                     max_in_memory_mb is not None
@@ -133,32 +140,6 @@ def extract_features(
     encoder's part of :func:`embed_split`."""
     features, _ = embed_split([encoder], images, size, mean, std, batch_size, max_in_memory_mb, scratch)
     return features[0]
-
-
-def raw_pixels(
-    images: Images,
-    max_side: int | None = None,
-    batch_size: int = 1024,
-    max_in_memory_mb: float | None = None,
-    scratch: Path | None = None,
-) -> np.ndarray:
-    """Flattened uint8 pixels, filled batch by batch: the raw-pixel baseline's features, on
-    disk (as :func:`extract_features`) above the budget.
-
-    Images with more pixels than ``max_side``² (the encoder's input) are first resized to
-    it as the encoder's input is (:func:`at_most`, the uint8 resize of :func:`model_input`):
-    the baseline then sees what the encoder sees, and photos of 512 x 512 do not make
-    786,432-dimensional features. Smaller images (the digits, Fashion-MNIST at 28) keep
-    their own pixels.
-
-    The pixels stay uint8, not floats in [0, 1]: the kNN's cosine and the linear probe's
-    standardisation do not see the scale, and the table is a quarter of the size (float32
-    was 786 MB on 16,000 images of 64 x 64 RGB, all of it resident during evaluation).
-    """
-    side = max_side if max_side is not None else max(images.shape[1], images.shape[2])
-    _, flat = embed_split([], images, side, (), (), batch_size, max_in_memory_mb, scratch, pixels=True)
-    assert flat is not None
-    return flat
 
 
 @torch.no_grad()
