@@ -35,6 +35,7 @@ from imsvd.augment import (
     build_view_cache,
     open_view_cache,
 )
+from imsvd.augment.cache import disk_bytes
 from imsvd.config import AugmentConfig
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -97,7 +98,7 @@ def bench(
     cached = views_per_second(CachedPairDataset(views, seed=0), 0, epochs, seed=0)
     cached_workers = views_per_second(CachedPairDataset(views, seed=0), cores, epochs, seed=0)
     on_the_fly = views_per_second(OnTheFlyPairDataset(images, cfg, seed=0), cores, epochs, seed=0)
-    size_bytes = built.array_path.stat().st_size
+    size_bytes = disk_bytes(built.path)
     row = {
         "images": len(images),
         "build_s": built.seconds,

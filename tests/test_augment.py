@@ -21,6 +21,7 @@ from imsvd.augment import (
     CachedPairDataset,
     MultiViewTransform,
     OnTheFlyPairDataset,
+    ShardedViews,
     augment_images,
     build_view_cache,
     cache_paths,
@@ -33,7 +34,7 @@ from imsvd.augment import (
     view_transform,
 )
 from imsvd.augment import cache as cache_module
-from imsvd.augment.cache import ARRAY_NAME, FORMAT_VERSION
+from imsvd.augment.cache import ARRAY_NAME, FORMAT_VERSION, disk_bytes, shards_path
 from imsvd.config import AugmentConfig
 from imsvd.data import ImageData
 from imsvd.errors import ConfigError, DataError
@@ -144,7 +145,7 @@ def test_cache_shape_and_manifest_on_digits(
     assert manifest["dtype"] == "uint8" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["fingerprint"] == "fp" and manifest["seed"] == 0
     assert manifest["params"]["views"] == 4 and manifest["params"]["jitter"] == [0.4, 0.4, 0.4, 0.1]
-    assert manifest["sha256"] == sha256_file(result.array_path)
+    assert manifest["sha256"] == sha256_file(result.path)
     assert json.loads(cache_paths(cfg)[1].read_text()) == manifest
     views = open_view_cache(cfg, "fp")
     assert isinstance(views, np.memmap) and views.shape == (200, 4, channels, 16, 16)
@@ -168,7 +169,7 @@ def test_deterministic_for_any_number_of_workers(
     images = (digits_rgb if rgb else digits)[:120]
     one = build_view_cache(images, "fp", config(tmp_path / "one", workers=1), progress=False)
     two = build_view_cache(images, "fp", config(tmp_path / "two", workers=2), progress=False)
-    assert one.array_path.read_bytes() == two.array_path.read_bytes()
+    assert one.path.read_bytes() == two.path.read_bytes()
     assert one.manifest == two.manifest
 
 
@@ -186,7 +187,7 @@ def test_second_build_reuses_without_work(
 ) -> None:
     cfg = config(tmp_path)
     first = build_view_cache(digits[:50], "fp", cfg, progress=False)
-    before = os.stat(first.array_path)
+    before = os.stat(first.path)
 
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("augmentation ran on a valid cache")
@@ -194,7 +195,7 @@ def test_second_build_reuses_without_work(
     monkeypatch.setattr(cache_module, "_fill", no_work)
     # workers and progress do not change the stored bytes, so they do not force a rebuild.
     second = build_view_cache(digits[:50], "fp", config(tmp_path, workers=2), progress=False)
-    after = os.stat(second.array_path)
+    after = os.stat(second.path)
     assert second.reused and second.reason == "valid"
     assert second.manifest == first.manifest
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
@@ -253,14 +254,14 @@ def _rewrite_header(path: Path) -> None:
 def test_damaged_cache_is_detected_and_rebuilt(tmp_path: Path, digits: np.ndarray, damage) -> None:
     cfg = config(tmp_path)
     first = build_view_cache(digits[:40], "fp", cfg, progress=False)
-    good = first.array_path.read_bytes()
-    damage(first.array_path)
+    good = first.path.read_bytes()
+    damage(first.path)
     manifest, reason = check_view_cache(cfg, "fp")
     assert manifest is None and reason
     assert open_view_cache(cfg, "fp") is None
     second = build_view_cache(digits[:40], "fp", cfg, progress=False)
     assert not second.reused
-    assert second.array_path.read_bytes() == good
+    assert second.path.read_bytes() == good
 
 
 def test_bad_manifest_is_not_trusted(tmp_path: Path, digits: np.ndarray) -> None:
@@ -293,12 +294,13 @@ def test_rejects_bad_images(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_build_leaves_no_valid_cache(tmp_path: Path, digits: np.ndarray) -> None:
+@pytest.mark.parametrize("line", [2048.0, 0.0], ids=["array", "shards"])
+def test_killed_build_leaves_no_valid_cache(tmp_path: Path, digits: np.ndarray, line: float) -> None:
     psutil = pytest.importorskip("psutil")
     images = digits[:600]
     images_path = tmp_path / "images.npy"
     np.save(images_path, images)
-    cfg = config(tmp_path, views=8, size=32, workers=2)
+    cfg = config(tmp_path, views=8, size=32, workers=2, max_array_mb=line)
     folder = Path(cfg.cache_dir)
     # A real build in its own process; each chunk is slowed down (the patched function is
     # inherited by the forked workers) so the kill surely lands mid-way on a busy machine.
@@ -310,7 +312,7 @@ def test_killed_build_leaves_no_valid_cache(tmp_path: Path, digits: np.ndarray) 
         "draw = cache.augment_images\n"
         "cache.augment_images = lambda *a: (time.sleep(0.2), draw(*a))[1]\n"
         f"images = np.load({str(images_path)!r})\n"
-        f"cfg = AugmentConfig(views=8, size=32, workers=2, cache_dir={cfg.cache_dir!r})\n"
+        f"cfg = AugmentConfig(views=8, size=32, workers=2, cache_dir={cfg.cache_dir!r}, max_array_mb={line})\n"
         "cache.build_view_cache(images, 'fp', cfg, progress=False)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script])
@@ -332,13 +334,172 @@ def test_killed_build_leaves_no_valid_cache(tmp_path: Path, digits: np.ndarray) 
     finally:
         if process.poll() is None:
             process.kill()
-    assert list(folder.glob("*.tmp")), "the killed build should have left its temporary file"
+    assert list(folder.glob("*.tmp")), "the killed build should have left its temporary file or folder"
     assert not cache_paths(cfg)[1].exists()
     assert open_view_cache(cfg, "fp") is None
     result = build_view_cache(images, "fp", cfg, progress=False)
-    assert not result.reused
+    assert not result.reused and result.manifest["format"] == ("array" if line else "shards")
     assert open_view_cache(cfg, "fp") is not None
     assert list(folder.glob("*.tmp")) == []
+
+
+# --------------------------------------------------------------------------- sharded cache
+
+
+def sharded(tmp_path: Path, **kwargs: object) -> AugmentConfig:
+    """A config whose cache is always shards (``max_array_mb=0``)."""
+    return config(tmp_path, **({"max_array_mb": 0.0} | kwargs))
+
+
+def _chunk_digests(manifest: dict) -> dict[str, str]:
+    """The shard files' SHA-256 but litdata's index, which records when it was written."""
+    return {name: digest for name, digest in manifest["files"].items() if name != "index.json"}
+
+
+def _pairs(dataset: CachedPairDataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = dataset.__getitems__(list(range(n)))
+    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+
+@pytest.mark.parametrize("encode_above", [64, 0], ids=["raw", "png"])
+@pytest.mark.parametrize("rgb", [False, True])
+def test_sharded_cache_holds_the_array_caches_views(
+    tmp_path: Path, digits: np.ndarray, digits_rgb: np.ndarray, rgb: bool, encode_above: int
+) -> None:
+    images = (digits_rgb if rgb else digits)[:150]
+    array_cfg = config(tmp_path / "array", size=16, seed=3)
+    shards_cfg = sharded(tmp_path / "shards", size=16, seed=3, encode_above=encode_above)
+    array = build_view_cache(images, "fp", array_cfg, progress=False)
+    shards = build_view_cache(images, "fp", shards_cfg, progress=False)
+    assert (array.manifest["format"], shards.manifest["format"]) == ("array", "shards")
+    assert shards.manifest["encoded"] is (encode_above == 0)
+    assert shards.path == shards_path(shards_cfg) and shards.path.is_dir()
+    assert not cache_paths(shards_cfg)[0].exists()
+    assert sorted(shards.manifest["files"]) == sorted(p.name for p in shards.path.iterdir())
+    views = open_view_cache(shards_cfg, "fp")
+    assert isinstance(views, ShardedViews)
+    assert views.shape == tuple(array.manifest["shape"]) == (150, 4, images.shape[-1], 16, 16)
+    memmap = open_view_cache(array_cfg, "fp")
+    assert isinstance(memmap, np.memmap)
+    # Lossless both ways: the same views, byte for byte, in the same order.
+    assert np.array_equal(views.read(np.arange(150)), np.asarray(memmap))
+    # And training draws the same pairs from either.
+    for epoch in (0, 1):
+        from_array, from_shards = CachedPairDataset(memmap, 5), CachedPairDataset(views, 5)
+        from_array.set_epoch(epoch)
+        from_shards.set_epoch(epoch)
+        for one, two in zip(_pairs(from_array, 150), _pairs(from_shards, 150), strict=True):
+            assert torch.equal(one, two)
+    dataset, source = pair_dataset(images, "fp", shards_cfg, use_cache=True, seed=0)
+    assert source == "cache" and isinstance(dataset, CachedPairDataset)
+
+
+def test_png_shards_are_smaller_for_large_views(tmp_path: Path, digits_rgb: np.ndarray) -> None:
+    images = digits_rgb[:60]
+    raw = build_view_cache(images, "fp", sharded(tmp_path / "raw", size=64), progress=False)
+    png = build_view_cache(images, "fp", sharded(tmp_path / "png", size=64, encode_above=32), progress=False)
+    assert (raw.manifest["encoded"], png.manifest["encoded"]) == (False, True)
+    assert disk_bytes(png.path) < 0.8 * disk_bytes(raw.path)
+
+
+def test_sharded_cache_is_deterministic_for_any_number_of_workers(
+    tmp_path: Path, digits_rgb: np.ndarray
+) -> None:
+    images = digits_rgb[:300]
+    one = build_view_cache(images, "fp", sharded(tmp_path / "one", workers=1), progress=False)
+    two = build_view_cache(images, "fp", sharded(tmp_path / "two", workers=2), progress=False)
+    assert _chunk_digests(one.manifest) == _chunk_digests(two.manifest) != {}
+    assert (
+        json.loads((one.path / "index.json").read_text())["chunks"]
+        == json.loads((two.path / "index.json").read_text())["chunks"]
+    )
+
+
+def test_sharded_cache_is_reused_and_switches_format_with_the_line(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    images = digits[:80]
+    cfg = sharded(tmp_path)
+    first = build_view_cache(images, "fp", cfg, progress=False)
+    second = build_view_cache(images, "fp", sharded(tmp_path, workers=2), progress=False)
+    assert second.reused and second.manifest == first.manifest
+    # 80 images x 4 views x 16 x 16 is 0.08 MiB: above a line of 0.05, below one of 1.
+    as_array = config(tmp_path, max_array_mb=1.0)
+    assert open_view_cache(as_array, "fp") is None
+    array = build_view_cache(images, "fp", as_array, progress=False)
+    assert not array.reused and array.reason.startswith("format changed")
+    assert array.manifest["format"] == "array" and not shards_path(cfg).exists()
+    back = build_view_cache(images, "fp", config(tmp_path, max_array_mb=0.05), progress=False)
+    assert not back.reused and back.manifest["format"] == "shards"
+    assert not cache_paths(cfg)[0].exists()
+    assert _chunk_digests(back.manifest) == _chunk_digests(first.manifest)  # the same views, written again
+    encoded = sharded(tmp_path, encode_above=8)
+    rebuilt = build_view_cache(images, "fp", encoded, progress=False)
+    assert rebuilt.reason.startswith("encoding changed") and rebuilt.manifest["encoded"]
+
+
+def _first_chunk(folder: Path) -> Path:
+    return sorted(folder.glob("*.bin"))[0]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda folder: _flip_bytes(_first_chunk(folder)),
+        lambda folder: _truncate(_first_chunk(folder)),
+        lambda folder: _first_chunk(folder).unlink(),
+        lambda folder: (folder / "index.json").write_text("{}"),
+    ],
+    ids=["flipped", "truncated", "chunk-removed", "index-rewritten"],
+)
+def test_damaged_shards_are_detected_and_rebuilt(tmp_path: Path, digits: np.ndarray, damage) -> None:
+    cfg = sharded(tmp_path)
+    first = build_view_cache(digits[:40], "fp", cfg, progress=False)
+    damage(first.path)
+    manifest, reason = check_view_cache(cfg, "fp")
+    assert manifest is None and ("checksum" in reason or "cannot be read" in reason)
+    assert open_view_cache(cfg, "fp") is None
+    second = build_view_cache(digits[:40], "fp", cfg, progress=False)
+    assert not second.reused and _chunk_digests(second.manifest) == _chunk_digests(first.manifest)
+    assert check_view_cache(cfg, "fp")[1] == "valid"
+
+
+@pytest.mark.slow
+def test_sharded_cache_reads_keep_mapped_memory_flat(tmp_path: Path) -> None:
+    """Reading every view of a 126 MiB cache: the array's pages stay mapped (RSS grows by
+    the whole cache), the shards' chunks are read a few at a time (litdata maps at most 4
+    chunks of 16 MB)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5400, 16, 16, 3), dtype=np.uint8)
+    size = 5400 * 2 * 3 * 64 * 64
+    script = (
+        "import sys, numpy as np\n"
+        "from imsvd.augment import CachedPairDataset, open_view_cache\n"
+        "from imsvd.config import AugmentConfig\n"
+        "def rss_file():\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith('RssFile'))\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "cfg = AugmentConfig(views=2, size=64, cache_dir=sys.argv[1], max_array_mb=float(sys.argv[2]))\n"
+        "dataset = CachedPairDataset(open_view_cache(cfg, 'fp'), 0)\n"
+        "before = rss_file()\n"
+        "for start in range(0, len(dataset), 256):\n"
+        "    dataset.__getitems__(list(range(start, min(len(dataset), start + 256))))\n"
+        "print(rss_file() - before)\n"
+    )
+    growth = {}
+    for name, line in (("array", 2048.0), ("shards", 0.0)):
+        cfg = AugmentConfig(views=2, size=64, workers=2, cache_dir=str(tmp_path / name), max_array_mb=line)
+        assert build_view_cache(images, "fp", cfg, progress=False).manifest["format"] == name
+        out = subprocess.run(
+            [sys.executable, "-c", script, cfg.cache_dir, str(line)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        growth[name] = int(out.stdout.split()[-1])
+    assert growth["array"] > 0.9 * size, growth
+    assert growth["shards"] < 4 * 16 * 2**20 + 8 * 2**20, growth
+    assert growth["shards"] < 0.6 * growth["array"], growth
 
 
 # --------------------------------------------------------------------------- datasets

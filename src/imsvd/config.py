@@ -197,8 +197,12 @@ class AugmentConfig:
     seed: int = 0
     workers: int | None = None
     cache_dir: str = "data/05_model_input/view_cache"
+    max_array_mb: float = 2048.0
+    encode_above: int = 64
 
     def __post_init__(self) -> None:
+        _check(self.max_array_mb >= 0, "augment.max_array_mb", f"must be >= 0, got {self.max_array_mb}")
+        _check(self.encode_above >= 0, "augment.encode_above", f"must be >= 0, got {self.encode_above}")
         _check(self.views >= 2, "augment.views", f"must be at least 2, got {self.views}")
         _check(self.size >= 4, "augment.size", f"must be at least 4, got {self.size}")
         _check(

@@ -274,23 +274,28 @@ def _write_stamp(folder: Path, data: ImageData, shape: tuple[int, ...] | None = 
     (folder / STAMP).write_text(json.dumps(stamp))
 
 
-#: litdata readers of store splits, per process, folder and version of its index:
+#: litdata readers of store splits and sharded view caches, per process, folder and version of its index:
 #: DataLoader workers, DDP ranks and validation's decoding workers each open their own (a
 #: fork's copies are ignored), and a store replaced at the same path is opened afresh.
 _READERS: dict[tuple[int, str, int, int], StreamingDataset] = {}
 
 
+def reader(folder: Path) -> StreamingDataset:
+    """This process's random-access litdata reader of the dataset in ``folder``."""
+    name = str(folder)
+    index = os.stat(os.path.join(name, "index.json"))
+    key = (os.getpid(), name, index.st_ino, index.st_mtime_ns)
+    if key not in _READERS:
+        _READERS[key] = StreamingDataset(name, shuffle=False)
+    return _READERS[key]
+
+
 def stored_item(directory: Path, split: str, position: int) -> bytes:
     """The stored bytes of item ``position`` of ``directory``'s ``split`` folder."""
-    folder = str(Path(directory) / split)
-    index = os.stat(os.path.join(folder, "index.json"))
-    key = (os.getpid(), folder, index.st_ino, index.st_mtime_ns)
-    if key not in _READERS:
-        _READERS[key] = StreamingDataset(folder, shuffle=False)
-    return bytes(_READERS[key][position]["image"])
+    return bytes(reader(Path(directory) / split)[position]["image"])
 
 
-def _forget_readers(directory: Path) -> None:
+def forget_readers(directory: Path) -> None:
     """Drop this process's readers of ``directory`` (moved, replaced or removed)."""
     prefix = str(Path(directory)) + os.sep
     for key in [k for k in _READERS if k[1].startswith(prefix)]:
@@ -609,7 +614,7 @@ def stream_into_store(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        _forget_readers(target)  # the last store is replaced once this one is published
+        forget_readers(target)  # the last store is replaced once this one is published
     logger.info(
         "image store %s (staged): %s images streamed (%d files kept as they were, %d stored as PNG)",
         target,
@@ -637,8 +642,8 @@ def publish_stream(data: ImageData, target: Path) -> tuple[ImageData, dict[str, 
     stored = data.images
     if not isinstance(stored, StoredImages):
         raise DataError(f"publish_stream needs StoredImages, got {type(stored).__name__}")
-    _forget_readers(stored.directory)
-    _forget_readers(target)
+    forget_readers(stored.directory)
+    forget_readers(target)
     publish(stored.directory, target)
     moved = stored.moved_to(target)
     logger.info("image store %s: published", target)
@@ -648,5 +653,5 @@ def publish_stream(data: ImageData, target: Path) -> tuple[ImageData, dict[str, 
 def discard_stream(data: ImageData) -> None:
     """Remove the staging folder of a streamed store that validation refused."""
     if isinstance(data.images, StoredImages) and data.images.directory.name.endswith(".tmp"):
-        _forget_readers(data.images.directory)
+        forget_readers(data.images.directory)
         shutil.rmtree(data.images.directory, ignore_errors=True)

@@ -9,6 +9,7 @@ Batch operations on the device (normalisation, the per-step flip) are in
 """
 
 from imsvd.augment.cache import (
+    ShardedViews,
     ViewCache,
     build_view_cache,
     cache_paths,
@@ -38,6 +39,7 @@ __all__ = [
     "MultiViewTransform",
     "OnTheFlyPairDataset",
     "Pair",
+    "ShardedViews",
     "StorePairs",
     "ViewCache",
     "augment_images",

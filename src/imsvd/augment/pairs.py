@@ -19,7 +19,7 @@ import torch
 from litdata import StreamingDataset
 from torch.utils.data import Dataset, get_worker_info
 
-from imsvd.augment.cache import open_view_cache
+from imsvd.augment.cache import ShardedViews, Views, open_view_cache
 from imsvd.augment.recipe import draw_seed, image_tensor, view_transform
 from imsvd.config import AugmentConfig
 from imsvd.data import Images
@@ -78,11 +78,12 @@ class CachedPairDataset(_EpochPairs):
     """Pairs of two different cached views of the same image, a fresh pair each epoch.
 
     Args:
-        views: (N, V, C, H, W) uint8 array (usually the memmap of :func:`open_view_cache`).
+        views: (N, V, C, H, W) uint8, as :func:`open_view_cache` returns it: an array
+            (the memmap of an array cache) or the :class:`ShardedViews` of a sharded one.
         seed: seeds the choice of views together with the epoch and the index.
     """
 
-    def __init__(self, views: np.ndarray, seed: int) -> None:
+    def __init__(self, views: Views, seed: int) -> None:
         if views.ndim != 5 or views.dtype != np.uint8 or views.shape[1] < 2:
             raise DataError(f"views must be (N, V>=2, C, H, W) uint8, got {views.dtype} {views.shape}")
         super().__init__(seed)
@@ -92,11 +93,16 @@ class CachedPairDataset(_EpochPairs):
         return len(self.views)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Pair]:
-        """A batch in one read of the memmap (DataLoader uses this when present)."""
+        """A batch in one read of the memmap, or item by item from the shards (DataLoader
+        uses this when present)."""
         index = np.asarray(indices, dtype=np.int64)
         first, second = pair_indices(self.seed, self.epoch, index, self.views.shape[1])
-        a = torch.from_numpy(np.ascontiguousarray(self.views[index, first]))
-        b = torch.from_numpy(np.ascontiguousarray(self.views[index, second]))
+        if isinstance(self.views, ShardedViews):
+            one, two = self.views.pairs(index, first, second)
+        else:
+            one, two = self.views[index, first], self.views[index, second]
+        a = torch.from_numpy(np.ascontiguousarray(one))
+        b = torch.from_numpy(np.ascontiguousarray(two))
         return list(zip(a.unbind(0), b.unbind(0), strict=True))
 
     def __getitem__(self, index: int) -> Pair:

@@ -25,7 +25,7 @@ from imsvd.data import Images
 from imsvd.errors import DataError
 
 # Fields of AugmentConfig that do not change the drawn views.
-_NOT_RECIPE = ("seed", "workers", "cache_dir")
+_NOT_RECIPE = ("seed", "workers", "cache_dir", "max_array_mb", "encode_above")
 
 
 def reference_cifar_recipe() -> AugmentConfig:
