@@ -31,11 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from imsvd.augment import (
     CachedPairDataset,
     OnTheFlyPairDataset,
-    available_workers,
     build_view_cache,
     open_view_cache,
 )
-from imsvd.augment.cache import disk_bytes
+from imsvd.augment.cache import available_workers, disk_bytes
 from imsvd.config import AugmentConfig
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from litdata import StreamingDataLoader
 from sklearn.datasets import load_digits
 
 from imsvd.augment import (
@@ -22,6 +23,7 @@ from imsvd.augment import (
     MultiViewTransform,
     OnTheFlyPairDataset,
     ShardedViews,
+    ShardPairs,
     augment_images,
     build_view_cache,
     cache_paths,
@@ -356,17 +358,11 @@ def _chunk_digests(manifest: dict) -> dict[str, str]:
     return {name: digest for name, digest in manifest["files"].items() if name != "index.json"}
 
 
-def _pairs(dataset: CachedPairDataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = dataset.__getitems__(list(range(n)))
-    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
-
-
 @pytest.mark.parametrize("encode_above", [64, 0], ids=["raw", "png"])
 @pytest.mark.parametrize("rgb", [False, True])
-def test_sharded_cache_holds_the_array_caches_views(
-    tmp_path: Path, digits: np.ndarray, digits_rgb: np.ndarray, rgb: bool, encode_above: int
-) -> None:
-    images = (digits_rgb if rgb else digits)[:150]
+def test_sharded_cache_holds_the_array_caches_views(tmp_path: Path, rgb: bool, encode_above: int) -> None:
+    # Noise, so that every view is distinct and names its image (digits repeat some crops).
+    images = np.random.default_rng(0).integers(0, 256, (150, 12, 12, 3 if rgb else 1), dtype=np.uint8)
     array_cfg = config(tmp_path / "array", size=16, seed=3)
     shards_cfg = sharded(tmp_path / "shards", size=16, seed=3, encode_above=encode_above)
     array = build_view_cache(images, "fp", array_cfg, progress=False)
@@ -383,15 +379,23 @@ def test_sharded_cache_holds_the_array_caches_views(
     assert isinstance(memmap, np.memmap)
     # Lossless both ways: the same views, byte for byte, in the same order.
     assert np.array_equal(views.read(np.arange(150)), np.asarray(memmap))
-    # And training draws the same pairs from either.
-    for epoch in (0, 1):
-        from_array, from_shards = CachedPairDataset(memmap, 5), CachedPairDataset(views, 5)
-        from_array.set_epoch(epoch)
-        from_shards.set_epoch(epoch)
-        for one, two in zip(_pairs(from_array, 150), _pairs(from_shards, 150), strict=True):
-            assert torch.equal(one, two)
+    # Training streams the shards: an epoch is every image once, as two different stored views.
     dataset, source = pair_dataset(images, "fp", shards_cfg, use_cache=True, seed=0)
-    assert source == "cache" and isinstance(dataset, CachedPairDataset)
+    assert source == "cache" and isinstance(dataset, ShardPairs)
+    where = {memmap[i, v].tobytes(): (i, v) for i in range(150) for v in range(4)}
+    assert len(where) == 600  # every stored view is distinct, so a view names its image
+    epochs = []
+    loader = StreamingDataLoader(dataset, batch_size=50)  # one loader: it counts the epochs
+    for _ in range(2):
+        seen = []
+        for one, two in loader:
+            for a, b in zip(one, two, strict=True):
+                (image, first), (same, second) = where[a.numpy().tobytes()], where[b.numpy().tobytes()]
+                assert image == same and first != second
+                seen.append((image, first, second))
+        assert sorted(image for image, _, _ in seen) == list(range(150))
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a fresh shuffle and fresh pairs each epoch
 
 
 def test_png_shards_are_smaller_for_large_views(tmp_path: Path, digits_rgb: np.ndarray) -> None:
@@ -474,16 +478,22 @@ def test_sharded_cache_reads_keep_mapped_memory_flat(tmp_path: Path) -> None:
     size = 5400 * 2 * 3 * 64 * 64
     script = (
         "import sys, numpy as np\n"
-        "from imsvd.augment import CachedPairDataset, open_view_cache\n"
+        "from litdata import StreamingDataLoader\n"
+        "from imsvd.augment import CachedPairDataset, ShardPairs, open_view_cache\n"
         "from imsvd.config import AugmentConfig\n"
         "def rss_file():\n"
         "    line = next(l for l in open('/proc/self/status') if l.startswith('RssFile'))\n"
         "    return int(line.split()[1]) * 1024\n"
         "cfg = AugmentConfig(views=2, size=64, cache_dir=sys.argv[1], max_array_mb=float(sys.argv[2]))\n"
-        "dataset = CachedPairDataset(open_view_cache(cfg, 'fp'), 0)\n"
+        "views = open_view_cache(cfg, 'fp')\n"
         "before = rss_file()\n"
-        "for start in range(0, len(dataset), 256):\n"
-        "    dataset.__getitems__(list(range(start, min(len(dataset), start + 256))))\n"
+        "if isinstance(views, np.ndarray):\n"
+        "    dataset = CachedPairDataset(views, 0)\n"
+        "    for start in range(0, len(dataset), 256):\n"
+        "        dataset.__getitems__(list(range(start, min(len(dataset), start + 256))))\n"
+        "else:\n"
+        "    for batch in StreamingDataLoader(ShardPairs(views, 0), batch_size=256):\n"
+        "        pass\n"
         "print(rss_file() - before)\n"
     )
     growth = {}

@@ -98,10 +98,12 @@ def encodes_views(cfg: AugmentConfig) -> bool:
 
 
 class ShardedViews:
-    """The views of a sharded cache, read item by item (a file read each, no mapping).
+    """The views of a sharded cache: where they are and how to decode an item.
 
-    Picklable (only the folder, shape and encoding travel), so DataLoader workers and
-    spawned processes open their own readers.
+    Training streams them with litdata (:class:`imsvd.augment.ShardPairs`: chunks read in
+    turn, shuffled within a window). :meth:`read` is random access, for checks and small
+    reads: litdata maps a chunk per access and keeps only 4, so random reads over many
+    chunks remap one per item. Picklable (only the folder, shape and encoding travel).
 
     Args:
         folder: the litdata folder the cache wrote.
@@ -120,21 +122,11 @@ class ShardedViews:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _views(self, item: dict[str, Any], which: np.ndarray) -> np.ndarray:
+    def item_views(self, item: dict[str, Any], which: Any) -> np.ndarray:
+        """Views ``which`` of one stored item: (len(which), C, H, W)."""
         if not self.encoded:
-            return np.asarray(item["views"])[which]
+            return np.asarray(item["views"])[np.asarray(which)]
         return np.stack([decode_stored(item[f"view{v}"]).transpose(2, 0, 1) for v in which])
-
-    def pairs(
-        self, index: np.ndarray, first: np.ndarray, second: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Views ``first[i]`` and ``second[i]`` of images ``index[i]``: two (B, C, H, W) arrays."""
-        dataset = reader(self.folder)
-        a = np.empty((len(index), *self.shape[2:]), np.uint8)
-        b = np.empty_like(a)
-        for row, (image, one, two) in enumerate(zip(index, first, second, strict=True)):
-            a[row], b[row] = self._views(dataset[int(image)], np.array([one, two]))
-        return a, b
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """All views of images ``rows``: (len(rows), V, C, H, W)."""
@@ -142,7 +134,7 @@ class ShardedViews:
         out = np.empty((len(rows), *self.shape[1:]), np.uint8)
         every = np.arange(self.shape[1])
         for row, image in enumerate(rows):
-            out[row] = self._views(dataset[int(image)], every)
+            out[row] = self.item_views(dataset[int(image)], every)
         return out
 
 

@@ -1,6 +1,7 @@
 """Pair datasets: two views of the same image per sample, a fresh pair each epoch.
 
-:class:`CachedPairDataset` picks two different stored views from the view cache;
+:class:`CachedPairDataset` picks two different stored views from the view cache's array,
+:class:`ShardPairs` from its shards;
 :class:`OnTheFlyPairDataset` draws both with the recipe (the reference's way);
 :class:`StorePairs` draws both from the image store's images at their own size. All draw
 from ``(seed, epoch, index)`` only, so any DataLoader worker yields the same pairs.
@@ -19,7 +20,7 @@ import torch
 from litdata import StreamingDataset
 from torch.utils.data import Dataset, get_worker_info
 
-from imsvd.augment.cache import ShardedViews, Views, open_view_cache
+from imsvd.augment.cache import ShardedViews, open_view_cache
 from imsvd.augment.recipe import draw_seed, image_tensor, view_transform
 from imsvd.config import AugmentConfig
 from imsvd.data import Images
@@ -78,12 +79,11 @@ class CachedPairDataset(_EpochPairs):
     """Pairs of two different cached views of the same image, a fresh pair each epoch.
 
     Args:
-        views: (N, V, C, H, W) uint8, as :func:`open_view_cache` returns it: an array
-            (the memmap of an array cache) or the :class:`ShardedViews` of a sharded one.
+        views: (N, V, C, H, W) uint8 array (usually the memmap of :func:`open_view_cache`).
         seed: seeds the choice of views together with the epoch and the index.
     """
 
-    def __init__(self, views: Views, seed: int) -> None:
+    def __init__(self, views: np.ndarray, seed: int) -> None:
         if views.ndim != 5 or views.dtype != np.uint8 or views.shape[1] < 2:
             raise DataError(f"views must be (N, V>=2, C, H, W) uint8, got {views.dtype} {views.shape}")
         super().__init__(seed)
@@ -93,16 +93,11 @@ class CachedPairDataset(_EpochPairs):
         return len(self.views)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Pair]:
-        """A batch in one read of the memmap, or item by item from the shards (DataLoader
-        uses this when present)."""
+        """A batch in one read of the memmap (DataLoader uses this when present)."""
         index = np.asarray(indices, dtype=np.int64)
         first, second = pair_indices(self.seed, self.epoch, index, self.views.shape[1])
-        if isinstance(self.views, ShardedViews):
-            one, two = self.views.pairs(index, first, second)
-        else:
-            one, two = self.views[index, first], self.views[index, second]
-        a = torch.from_numpy(np.ascontiguousarray(one))
-        b = torch.from_numpy(np.ascontiguousarray(two))
+        a = torch.from_numpy(np.ascontiguousarray(self.views[index, first]))
+        b = torch.from_numpy(np.ascontiguousarray(self.views[index, second]))
         return list(zip(a.unbind(0), b.unbind(0), strict=True))
 
     def __getitem__(self, index: int) -> Pair:
@@ -177,6 +172,38 @@ class StorePairs(StreamingDataset):
             return self.draw_view(image), self.draw_view(image)
 
 
+class ShardPairs(StreamingDataset):
+    """Pairs of two different cached views of the same image, streamed from a sharded cache.
+
+    litdata reads the chunks in turn, shuffles them and the items within a window, and
+    spreads them over DDP ranks and DataLoader workers (see :class:`StorePairs`), so memory
+    and reads stay sequential whatever the cache's size: random access by index would
+    remap a 16 MB chunk for almost every item. The two views of an item are drawn from
+    ``(seed, epoch, item)`` with :func:`pair_indices`, as from the array.
+
+    Args:
+        views: the sharded cache (:func:`open_view_cache`).
+        seed: seeds the shuffle and the choice of views.
+    """
+
+    def __init__(self, views: ShardedViews, seed: int) -> None:
+        super().__init__(str(views.folder), shuffle=True, drop_last=True, seed=seed)
+        self.args = (views, seed)
+        self.views = views
+        self.pair_seed = seed
+
+    def fresh(self) -> ShardPairs:
+        """The same dataset, built anew (in each training process: see :meth:`StorePairs.fresh`)."""
+        return ShardPairs(*self.args)
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        item = super().__getitem__(index)
+        position = np.array([int(getattr(index, "index", index))])
+        first, second = pair_indices(self.pair_seed, self.current_epoch, position, self.views.shape[1])
+        a, b = self.views.item_views(item, [int(first[0]), int(second[0])])
+        return torch.from_numpy(a), torch.from_numpy(b)
+
+
 def pair_dataset(
     train_images: Images, fingerprint: str, cfg: AugmentConfig, use_cache: bool, seed: int
 ) -> tuple[Dataset[Pair], str]:
@@ -190,11 +217,14 @@ def pair_dataset(
         seed: seeds the pairs (with the epoch and the index).
 
     Returns:
-        (dataset, "cache") or (dataset, "on-the-fly").
+        (dataset, "cache") or (dataset, "on-the-fly"). The dataset of a sharded cache is a
+        :class:`ShardPairs`, which the training loop streams with litdata's loader.
     """
     if use_cache:
         views = open_view_cache(cfg, fingerprint)
         if views is not None and len(views) == len(train_images) and views.shape[2] == train_images.shape[-1]:
+            if isinstance(views, ShardedViews):
+                return ShardPairs(views, seed), "cache"
             return CachedPairDataset(views, seed), "cache"
         if views is not None:
             logger.warning(

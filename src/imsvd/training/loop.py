@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset
 
-from imsvd.augment import StorePairs
+from imsvd.augment import ShardPairs, StorePairs
 from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
 from imsvd.data import Images
@@ -149,8 +149,8 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoad
     ``pretrain.batch_size`` is the global batch whatever the world size, so the learning
     rate (scaled by it) and the steps per epoch stay those of one process, and the
     global batches are those of one process too (:class:`SharedShuffle`). The image
-    store's pairs get litdata's loader instead (:class:`StoreLoader`), which splits the
-    store over the processes itself.
+    store's pairs and a sharded view cache's get litdata's loader instead
+    (:class:`StoreLoader`), which splits the shards over the processes itself.
     """
     world = world_size(cfg)
     if cfg.batch_size % world:
@@ -158,7 +158,7 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoad
             f"pretrain.batch_size={cfg.batch_size} (the global batch) does not split evenly over "
             f"{world} processes (nodes x devices); choose a multiple of {world}"
         )
-    if isinstance(dataset, StorePairs):
+    if isinstance(dataset, (StorePairs, ShardPairs)):
         return StoreLoader(dataset, cfg.batch_size // world, cfg.num_workers)
     size = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
@@ -174,7 +174,8 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoad
 
 
 class StoreLoader(L.LightningDataModule):
-    """The image store's loader, built inside each training process.
+    """litdata's loader of the image store or of a sharded view cache, built inside each
+    training process.
 
     litdata's ``StreamingDataset`` reads the DDP ranks when it is built, and spawned or
     launched ranks exist only once the trainer has started; Lightning calls
@@ -183,12 +184,12 @@ class StoreLoader(L.LightningDataModule):
     every checkpoint, so a resumed run continues where the loader stopped.
 
     Args:
-        dataset: the pairs (rebuilt per process with :meth:`StorePairs.fresh`).
+        dataset: the pairs (rebuilt per process with ``fresh()``).
         batch_size: pairs per process (the global batch over the world size).
         num_workers: DataLoader workers per process.
     """
 
-    def __init__(self, dataset: StorePairs, batch_size: int, num_workers: int) -> None:
+    def __init__(self, dataset: StorePairs | ShardPairs, batch_size: int, num_workers: int) -> None:
         super().__init__()
         self.dataset = dataset
         self.batch_size = batch_size
