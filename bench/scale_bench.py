@@ -8,7 +8,7 @@ and PNG alternating, 10 class folders, a fifth of them under test/) is made once
 under ``--folder`` and reused. The project is exported at ``--commit`` into a temporary
 folder. Each stage is one ``kedro run --pipeline=<stage>``: ``validate``, ``augment``
 (views of 64x64, as shards unless --max-array-mb), one epoch of ``pretrain`` capped at ``--steps`` steps, streaming the
-image store, and ``evaluate``. Memory is the peak, sampled every 0.2 s, of the sum of PSS
+image store (or the view cache: ``--pretrain-from cache``), and ``evaluate``. Memory is the peak, sampled every 0.2 s, of the sum of PSS
 over the process tree (shared pages counted once). The decode rate of the cores is measured
 first: one process decoding a sample of the folder's files, times the cores.
 
@@ -100,6 +100,13 @@ def main() -> int:
         "the path whose memory is meant to stay flat; 2048 is the product's default",
     )
     parser.add_argument(
+        "--pretrain-from",
+        choices=("store", "cache"),
+        default="store",
+        help="store (default): crop views from the image store's originals in DataLoader workers; "
+        "cache: read the augment stage's view cache (shards unless --max-array-mb), no workers",
+    )
+    parser.add_argument(
         "--max-array-mb",
         type=float,
         default=0,
@@ -134,8 +141,8 @@ def main() -> int:
                     f"pretrain.backbone={args.backbone}",
                     "pretrain.epochs=1",
                     f"pretrain.max_steps_per_epoch={args.steps}",
-                    "pretrain.stream_store=true",
-                    f"pretrain.num_workers={cores}",
+                    f"pretrain.stream_store={'true' if args.pretrain_from == 'store' else 'false'}",
+                    f"pretrain.num_workers={cores if args.pretrain_from == 'store' else 0}",
                     "pretrain.resume=false",
                     "pretrain.monitor.every_n_steps=0",
                 ]
@@ -153,7 +160,7 @@ def main() -> int:
     print(
         f"\ncommit {commit}, {cores} cores; data.max_in_memory_mb={args.max_in_memory_mb:g}, "
         f"augment.max_array_mb={args.max_array_mb:g}; "
-        f"pretrain: {args.backbone}, {args.steps} steps of 256 pairs, views 64x64"
+        f"pretrain: {args.backbone}, {args.steps} steps of 256 pairs, views 64x64, from the {args.pretrain_from}"
     )
     print("| images | stage | wall s | images/s | peak PSS of the tree GiB |")
     print("|---|---|---|---|---|")
