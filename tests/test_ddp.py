@@ -11,7 +11,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from imsvd.augment import build_view_cache, pair_dataset
+from imsvd.augment import ShardPairs, build_view_cache, pair_dataset
+from imsvd.checkpoints import load_weights
 from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
 from imsvd.preprocess import channel_stats
 from imsvd.training import RunIdentity, pretrain
@@ -90,3 +91,31 @@ def _initial_encoder(result):
     cfg = result.module.cfg
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return build_encoder(cfg.backbone, cfg.width, cfg.projector_dims, 1).state_dict()
+
+
+def test_two_ddp_processes_each_stream_their_own_half_of_a_sharded_view_cache(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (64, 10, 10, 1), dtype=np.uint8)
+    aug = AugmentConfig(size=8, views=4, cache_dir=str(tmp_path / "views"), max_array_mb=0)
+    assert build_view_cache(images, "fp", aug, progress=False).manifest["format"] == "shards"
+    dataset, source = pair_dataset(images, "fp", aug, use_cache=True, seed=0)
+    assert source == "cache" and isinstance(dataset, ShardPairs)
+    cfg = PretrainConfig(
+        width=0.125,
+        projector="64-64",
+        imsvd=IMSVDConfig(bin_size=16),
+        epochs=1,
+        batch_size=16,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        accelerator="cpu",
+        devices="2",
+        resume=False,
+    )
+    result = pretrain(dataset, "cache", 1, [0.5], [0.25], cfg, RunIdentity.of(cfg, aug, "fp"))
+    assert result.history["step"].tolist() == [1.0, 2.0, 3.0, 4.0]  # 64 pairs in global batches of 16
+    loader = load_weights(tmp_path / "ckpt" / "last.ckpt")["loops"]["fit_loop"]["state_dict"][
+        "combined_loader"
+    ][0]
+    # Rank 0 (the one that checkpoints) saw half of the epoch, in batches of 8, though the
+    # whole cache is one chunk: litdata splits a chunk's items between the ranks.
+    assert loader["dataset"]["world_size"] == 2
+    assert loader["num_samples_yielded"] == 32 and loader["dataset"]["batch_size"] == 8
