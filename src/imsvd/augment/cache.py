@@ -5,8 +5,8 @@ Two formats, chosen by size (``augment.max_array_mb``):
 - **array**: one uint8 ``.npy`` file of shape ``(N, views, C, H, W)`` that training
   memory-maps. Fastest, but every page read stays mapped, so a run's resident memory
   grows with the cache (page cache the kernel may reclaim, yet counted in RSS).
-- **shards**: a litdata dataset in ``shards/``, one item per image, read with file reads
-  of 16 MB chunks (memory flat in N). Views up to ``augment.encode_above`` pixels a side
+- **shards**: a litdata dataset in ``shards/``, one item per image in chunks of 16 MB,
+  streamed by litdata's loader, which maps at most 4 chunks at a time (memory flat in N). Views up to ``augment.encode_above`` pixels a side
   are stored as raw uint8 (PNG saves little on small crops and costs a decode per view);
   larger ones as lossless PNG, one per view, so a pair decodes two views, not all.
 
@@ -235,7 +235,12 @@ def _inspect_array(
 def _inspect_shards(
     cfg: AugmentConfig, manifest: dict[str, Any], mapped: bool
 ) -> tuple[dict[str, Any] | None, str, Any]:
-    """:func:`_inspect` of a sharded cache: every file's SHA-256, then the item count."""
+    """:func:`_inspect` of a sharded cache: every file's SHA-256, then the item count.
+
+    Unlike the array's, the files verified are opened again by path when read: a build
+    that replaces the folder while a run trains from it (the build lock keeps builds, not
+    readers, apart) makes that run fail on a missing chunk rather than read other views.
+    """
     folder = shards_path(cfg)
     if manifest.get("encoded") != encodes_views(cfg):
         return None, f"encoding changed: augment.encode_above={cfg.encode_above} at size {cfg.size}", None
