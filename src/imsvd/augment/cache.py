@@ -239,7 +239,8 @@ def _inspect_shards(
 
     Unlike the array's, the files verified are opened again by path when read: a build
     that replaces the folder while a run trains from it (the build lock keeps builds, not
-    readers, apart) makes that run fail on a missing chunk rather than read other views.
+    readers, apart) can hand that run chunks of the new cache, or a missing file. Kedro
+    runs the augment stage before pretrain, so only two concurrent runs can do that.
     """
     folder = shards_path(cfg)
     if manifest.get("encoded") != encodes_views(cfg):
