@@ -322,6 +322,8 @@ def test_a_folder_above_the_memory_limit_is_streamed_through_every_stage(tmp_pat
         project = copy_project(tmp_path / name)
         params = tiny_tree(pretrain__num_workers="2", pretrain__batch_size="8")
         params["data"] = {"source": "image_folder", "path": str(root), "max_in_memory_mb": limit}
+        # The streamed run's view cache is shards too, and pretrain streams them.
+        params.setdefault("augment", {})["max_array_mb"] = limit
         for pipeline in ("validate", "augment", "pretrain", "evaluate"):
             in_process(project, pipeline, params)
         runs[name] = project
@@ -348,6 +350,12 @@ def test_a_folder_above_the_memory_limit_is_streamed_through_every_stage(tmp_pat
     )
     assert index["splits"] == in_memory["splits"]
     assert not list((streamed / "data/03_primary").glob(".image_store.*"))  # the staging folder was published
+    caches = {n: json.loads((p / "data/05_model_input/view_cache.json").read_text()) for n, p in runs.items()}
+    assert (caches["memory"]["format"], caches["streamed"]["format"]) == ("array", "shards")
+    assert (streamed / "data/05_model_input/view_cache/shards/index.json").is_file()
+    assert not (streamed / "data/05_model_input/view_cache/views.npy").exists()
+    for project in runs.values():
+        assert load_weights(project / "data/06_models/encoder.pt")["view_source"] == "cache"
     # Every stage read the store: the raw-pixel baseline sees the same pixels.
     metrics = {n: json.loads((p / "data/08_reporting/metrics.json").read_text()) for n, p in runs.items()}
     for key in ("knn_top1_raw_pixels", "linear_top1_raw_pixels"):
