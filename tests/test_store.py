@@ -222,7 +222,9 @@ def test_pretraining_streams_the_store_of_a_folder_of_mixed_sizes_and_resumes(tm
     assert len(history) == 1 + 3 * TINY_STEPS_PER_EPOCH
 
 
-def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path, in_process):
+@pytest.mark.parametrize("views", ["store", "sharded cache"])
+def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path, in_process, views):
+    """Streaming the image store's originals, or the augment stage's sharded view cache."""
     from test_faults import KedroProcess
 
     rng = np.random.default_rng(5)
@@ -237,21 +239,21 @@ def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path
     project = copy_project(tmp_path / "project")
     in_process(project, "validate", {"data": {"source": "image_folder", "path": str(root)}})
     steps = 10  # 80 training images in batches of 8
-    args = (
-        "run",
-        "--pipeline=pretrain",
-        "--params",
-        tiny_params(
-            data__source="image_folder",
-            data__path=str(root),
-            pretrain__stream_store="true",
-            pretrain__num_workers="2",
-            pretrain__batch_size="8",
-            pretrain__epochs="1",
-            pretrain__max_steps_per_epoch=str(steps),
-            pretrain__checkpoint_every_n_steps="3",
-        ),
+    overrides = dict(
+        data__source="image_folder",
+        data__path=str(root),
+        augment__max_array_mb="0",
+        pretrain__stream_store="true" if views == "store" else "false",
+        pretrain__num_workers="2",
+        pretrain__batch_size="8",
+        pretrain__epochs="1",
+        pretrain__max_steps_per_epoch=str(steps),
+        pretrain__checkpoint_every_n_steps="3",
     )
+    if views == "sharded cache":
+        in_process(project, "augment", tiny_tree(**overrides))
+        assert json.loads((project / "data/05_model_input/view_cache.json").read_text())["format"] == "shards"
+    args = ("run", "--pipeline=pretrain", "--params", tiny_params(**overrides))
     run = KedroProcess(project, *args)
     run.wait_for("epoch 1/1 step 7 ")  # the step-6 checkpoint is written
     run.signal(signal.SIGKILL)
@@ -268,6 +270,8 @@ def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path
     assert done["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["num_samples_yielded"] == 80
     history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
     assert len(history) == 1 + steps
+    source = "image store" if views == "store" else "cache"
+    assert load_weights(project / "data/06_models/encoder.pt")["view_source"] == source
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from imsvd.augment import ShardPairs, build_view_cache, pair_dataset
 from imsvd.checkpoints import encoder_payload, load_encoder, load_weights
 from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
-from imsvd.errors import TrainingError, UntrustedFileError
+from imsvd.errors import ConfigError, TrainingError, UntrustedFileError
 from imsvd.optim import LARS, warmup_cosine
 from imsvd.preprocess import channel_stats
 from imsvd.training import LAST, RunIdentity, pretrain
@@ -400,3 +400,13 @@ def test_training_streams_a_sharded_view_cache(digits, tmp_path):
         assert np.isfinite(history["total"]).all()
     per_epoch = histories["shards"].groupby("epoch")["total"].mean()
     assert per_epoch.iloc[-1] < per_epoch.iloc[0] - 0.05
+
+
+def test_mid_epoch_checkpoints_are_refused_for_array_views(pairs, digits, tmp_path):
+    """Only litdata's loaders (image store, sharded cache) have a state to resume mid-epoch."""
+    cfg = tiny(tmp_path, epochs=1, checkpoint_every_n_steps=2)
+    with pytest.raises(
+        ConfigError, match=r"pretrain\.checkpoint_every_n_steps=2 needs views that litdata streams"
+    ):
+        run(pairs, digits, cfg)
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written

@@ -375,12 +375,7 @@ class PretrainConfig:
         )
         _check(self.log_every_n_steps >= 1, "pretrain.log_every_n_steps", "must be >= 1")
         _check(self.checkpoint_every_n_steps >= 0, "pretrain.checkpoint_every_n_steps", "must be >= 0")
-        _check(
-            not self.checkpoint_every_n_steps or self.stream_store,
-            "pretrain.checkpoint_every_n_steps",
-            "needs pretrain.stream_store=true: only the image store's loader can resume mid-epoch "
-            "(the validated arrays resume at an epoch's end)",
-        )
+        # Whether the views' loader can resume mid-epoch is known once they are opened: make_loader.
         _check(
             self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
             "pretrain.max_steps_per_epoch",

@@ -143,6 +143,21 @@ def world_size(cfg: PretrainConfig) -> int:
     return nodes * (devices if isinstance(devices, int) else 1)
 
 
+def check_mid_epoch_resume(dataset: Dataset, cfg: PretrainConfig) -> None:
+    """Refuse ``pretrain.checkpoint_every_n_steps`` for views whose loader has no state.
+
+    Raises:
+        ConfigError: naming the parameter, when the views are not streamed by litdata.
+    """
+    if cfg.checkpoint_every_n_steps and not isinstance(dataset, (StorePairs, ShardPairs)):
+        raise ConfigError(
+            f"pretrain.checkpoint_every_n_steps={cfg.checkpoint_every_n_steps} needs views that litdata "
+            "streams, whose loader can resume mid-epoch: the image store (pretrain.stream_store=true) "
+            "or a sharded view cache (augment.max_array_mb below the cache's size). These views come "
+            "from an array or are drawn on the fly, and resume at an epoch's end"
+        )
+
+
 def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoader:
     """Batches of ``batch_size / world size`` pairs per process, reshuffled each epoch.
 
@@ -366,6 +381,7 @@ def pretrain(
         monitor_data: labelled training images for the online kNN monitor (``None``, or
             ``pretrain.monitor.every_n_steps: 0``, runs without it).
     """
+    check_mid_epoch_resume(train_dataset, cfg)  # before anything is written
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = Path(cfg.checkpoint_dir)
     if is_writer():  # under a launcher the other ranks only read (see README "Many GPUs")

@@ -86,8 +86,8 @@ def resume_checkpoint(cfg: PretrainConfig, identity: RunIdentity) -> tuple[Path,
     if batches.get("is_last_batch") is False:  # a mid-epoch checkpoint (checkpoint_every_n_steps)
         epoch = int(checkpoint.get("epoch", 0))
         log.info(
-            "resuming from %s in the middle of epoch %d, after step %d: the image store's loader "
-            "continues where it stopped",
+            "resuming from %s in the middle of epoch %d, after step %d: litdata's loader (image "
+            "store or sharded view cache) continues where it stopped",
             path,
             epoch + 1,
             int(checkpoint.get("global_step", 0)),
