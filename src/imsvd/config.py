@@ -375,7 +375,8 @@ class PretrainConfig:
         )
         _check(self.log_every_n_steps >= 1, "pretrain.log_every_n_steps", "must be >= 1")
         _check(self.checkpoint_every_n_steps >= 0, "pretrain.checkpoint_every_n_steps", "must be >= 0")
-        # Whether the views' loader can resume mid-epoch is known once they are opened: make_loader.
+        # Whether the views' loader can resume mid-epoch is known once they are opened:
+        # training.loop.check_mid_epoch_resume.
         _check(
             self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
             "pretrain.max_steps_per_epoch",

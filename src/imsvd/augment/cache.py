@@ -111,9 +111,6 @@ class ShardedViews:
         encoded: views are stored as PNG, one per view, rather than one raw array.
     """
 
-    ndim = 5
-    dtype = np.dtype(np.uint8)
-
     def __init__(self, folder: Path, shape: tuple[int, ...], encoded: bool) -> None:
         self.folder = Path(folder)
         self.shape = tuple(shape)

@@ -143,13 +143,17 @@ def world_size(cfg: PretrainConfig) -> int:
     return nodes * (devices if isinstance(devices, int) else 1)
 
 
+#: Pair datasets litdata streams: its loader splits them over the processes and has a state.
+STREAMED = (StorePairs, ShardPairs)
+
+
 def check_mid_epoch_resume(dataset: Dataset, cfg: PretrainConfig) -> None:
     """Refuse ``pretrain.checkpoint_every_n_steps`` for views whose loader has no state.
 
     Raises:
         ConfigError: naming the parameter, when the views are not streamed by litdata.
     """
-    if cfg.checkpoint_every_n_steps and not isinstance(dataset, (StorePairs, ShardPairs)):
+    if cfg.checkpoint_every_n_steps and not isinstance(dataset, STREAMED):
         raise ConfigError(
             f"pretrain.checkpoint_every_n_steps={cfg.checkpoint_every_n_steps} needs views that litdata "
             "streams, whose loader can resume mid-epoch: the image store (pretrain.stream_store=true) "
@@ -173,7 +177,7 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoad
             f"pretrain.batch_size={cfg.batch_size} (the global batch) does not split evenly over "
             f"{world} processes (nodes x devices); choose a multiple of {world}"
         )
-    if isinstance(dataset, (StorePairs, ShardPairs)):
+    if isinstance(dataset, STREAMED):
         return StoreLoader(dataset, cfg.batch_size // world, cfg.num_workers)
     size = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
