@@ -324,9 +324,14 @@ def test_killed_build_leaves_no_valid_cache(tmp_path: Path, digits: np.ndarray, 
             assert process.poll() is None, "the build ended before it could be killed"
             assert time.monotonic() < deadline, "the build never started"
             time.sleep(0.05)
-        time.sleep(0.5)  # mid-way: workers are writing views
+        # Mid-way: both workers started (on a busy machine the pool forks well after the
+        # temporary file or folder appears) and writing views.
+        while len(workers := psutil.Process(process.pid).children()) < 2:
+            assert process.poll() is None, "the build finished before it could be killed: give it more work"
+            assert time.monotonic() < deadline, "the build's two workers never started"
+            time.sleep(0.05)
+        time.sleep(0.5)
         assert process.poll() is None, "the build finished before it could be killed: give it more work"
-        workers = psutil.Process(process.pid).children()
         assert len(workers) == 2
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=10) == -signal.SIGKILL

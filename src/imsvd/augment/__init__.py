@@ -22,6 +22,7 @@ from imsvd.augment.pairs import (
     Pair,
     ShardPairs,
     StorePairs,
+    StreamedPairs,
     pair_dataset,
     pair_indices,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "ShardPairs",
     "ShardedViews",
     "StorePairs",
+    "StreamedPairs",
     "ViewCache",
     "augment_images",
     "build_view_cache",

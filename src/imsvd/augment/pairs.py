@@ -134,14 +134,44 @@ class OnTheFlyPairDataset(_EpochPairs):
             return self.transform(image), self.transform(image)
 
 
-class StorePairs(StreamingDataset):
+class StreamedPairs(StreamingDataset):
+    """Pairs streamed by litdata from a folder of shards: the store's images or the cache's views.
+
+    litdata reads the chunks in turn, shuffles them and the items within a window, and
+    spreads them over DDP ranks and DataLoader workers; the loader's position is part of its
+    state (see :class:`imsvd.training.loop.StoreLoader`), so a run killed mid-epoch resumes
+    where it stopped. Memory and reads stay sequential whatever the folder's size. A
+    subclass turns one stored item into a pair, drawn from ``(seed, epoch, item)`` only.
+
+    Args:
+        folder: the litdata folder.
+        seed: seeds the shuffle and the pairs.
+        args: the subclass's constructor arguments, for :meth:`fresh`.
+    """
+
+    def __init__(self, folder: Path, seed: int, args: tuple[Any, ...]) -> None:
+        super().__init__(str(folder), shuffle=True, drop_last=True, seed=seed)
+        self.args = args
+        self.pair_seed = seed
+
+    def fresh(self) -> StreamedPairs:
+        """The same dataset, built anew. litdata reads the DDP ranks when a dataset is built,
+        so each rank builds its own once its process group exists."""
+        return type(self)(*self.args)
+
+    def __getitem__(self, index: Any) -> Pair:
+        return self.pair(super().__getitem__(index), int(getattr(index, "index", index)))
+
+    def pair(self, item: dict[str, Any], position: int) -> Pair:
+        """The pair of the stored ``item`` at ``position`` in the folder."""
+        raise NotImplementedError
+
+
+class StorePairs(StreamedPairs):
     """Pairs of views drawn on the fly from the store's images at their own size.
 
-    A litdata ``StreamingDataset``: the shards are spread over DDP ranks and DataLoader
-    workers by litdata, and the loader's position is part of its state (see
-    :func:`store_loader`). Each view is the recipe's RandomResizedCrop of the whole stored
-    image, so crops sample the original resolution (the reference's ImageNet way). A pair
-    is drawn under a seed of ``(seed, epoch, item)``.
+    Each view is the recipe's RandomResizedCrop of the whole stored image, so crops sample
+    the original resolution (the reference's ImageNet way).
 
     Args:
         directory: a split's litdata folder (:func:`imsvd.store.split_directory`).
@@ -151,35 +181,24 @@ class StorePairs(StreamingDataset):
     """
 
     def __init__(self, directory: Path, cfg: AugmentConfig, channels: int, seed: int) -> None:
-        super().__init__(str(directory), shuffle=True, drop_last=True, seed=seed)
-        self.args = (directory, cfg, channels, seed)
-        self.view_seed = seed
+        super().__init__(directory, seed, (directory, cfg, channels, seed))
         self.draw_view = view_transform(cfg, channels)
 
-    def fresh(self) -> StorePairs:
-        """The same dataset, built anew. litdata reads the DDP ranks when a dataset is built,
-        so each rank builds its own once its process group exists (see
-        :class:`imsvd.training.loop.StoreLoader`)."""
-        return StorePairs(*self.args)
-
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        item = super().__getitem__(index)
+    def pair(self, item: dict[str, Any], position: int) -> Pair:
         image = image_tensor(decode_stored(item["image"]))
-        position = int(getattr(index, "index", index))
+        # A DataLoader worker owns its global RNG; in the main process restore the caller's.
         scope = contextlib.nullcontext() if get_worker_info() else torch.random.fork_rng(devices=[])
         with scope:
-            torch.manual_seed(draw_seed(self.view_seed, self.current_epoch, position))
+            torch.manual_seed(draw_seed(self.pair_seed, self.current_epoch, position))
             return self.draw_view(image), self.draw_view(image)
 
 
-class ShardPairs(StreamingDataset):
+class ShardPairs(StreamedPairs):
     """Pairs of two different cached views of the same image, streamed from a sharded cache.
 
-    litdata reads the chunks in turn, shuffles them and the items within a window, and
-    spreads them over DDP ranks and DataLoader workers (see :class:`StorePairs`), so memory
-    and reads stay sequential whatever the cache's size: random access by index would
-    remap a 16 MB chunk for almost every item. The two views of an item are drawn from
-    ``(seed, epoch, item)`` with :func:`pair_indices`, as from the array.
+    Streamed, not read by index: random access would remap a 16 MB chunk for almost every
+    item (534 views/s in ``bench/view_cache_formats.py``). The two views of an item are
+    drawn with :func:`pair_indices`, as from the array.
 
     Args:
         views: the sharded cache (:func:`open_view_cache`).
@@ -187,19 +206,13 @@ class ShardPairs(StreamingDataset):
     """
 
     def __init__(self, views: ShardedViews, seed: int) -> None:
-        super().__init__(str(views.folder), shuffle=True, drop_last=True, seed=seed)
-        self.args = (views, seed)
+        super().__init__(views.folder, seed, (views, seed))
         self.views = views
-        self.pair_seed = seed
 
-    def fresh(self) -> ShardPairs:
-        """The same dataset, built anew (in each training process: see :meth:`StorePairs.fresh`)."""
-        return ShardPairs(*self.args)
-
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        item = super().__getitem__(index)
-        position = np.array([int(getattr(index, "index", index))])
-        first, second = pair_indices(self.pair_seed, self.current_epoch, position, self.views.shape[1])
+    def pair(self, item: dict[str, Any], position: int) -> Pair:
+        first, second = pair_indices(
+            self.pair_seed, self.current_epoch, np.array([position]), self.views.shape[1]
+        )
         a, b = self.views.item_views(item, [int(first[0]), int(second[0])])
         return torch.from_numpy(a), torch.from_numpy(b)
 

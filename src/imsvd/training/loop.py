@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset
 
-from imsvd.augment import ShardPairs, StorePairs
+from imsvd.augment import StreamedPairs
 from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
 from imsvd.data import Images
@@ -143,17 +143,13 @@ def world_size(cfg: PretrainConfig) -> int:
     return nodes * (devices if isinstance(devices, int) else 1)
 
 
-#: Pair datasets litdata streams: its loader splits them over the processes and has a state.
-STREAMED = (StorePairs, ShardPairs)
-
-
 def check_mid_epoch_resume(dataset: Dataset, cfg: PretrainConfig) -> None:
     """Refuse ``pretrain.checkpoint_every_n_steps`` for views whose loader has no state.
 
     Raises:
         ConfigError: naming the parameter, when the views are not streamed by litdata.
     """
-    if cfg.checkpoint_every_n_steps and not isinstance(dataset, STREAMED):
+    if cfg.checkpoint_every_n_steps and not isinstance(dataset, StreamedPairs):
         raise ConfigError(
             f"pretrain.checkpoint_every_n_steps={cfg.checkpoint_every_n_steps} needs views that litdata "
             "streams, whose loader can resume mid-epoch: the image store (pretrain.stream_store=true) "
@@ -177,7 +173,7 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoad
             f"pretrain.batch_size={cfg.batch_size} (the global batch) does not split evenly over "
             f"{world} processes (nodes x devices); choose a multiple of {world}"
         )
-    if isinstance(dataset, STREAMED):
+    if isinstance(dataset, StreamedPairs):
         return StoreLoader(dataset, cfg.batch_size // world, cfg.num_workers)
     size = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
@@ -208,7 +204,7 @@ class StoreLoader(L.LightningDataModule):
         num_workers: DataLoader workers per process.
     """
 
-    def __init__(self, dataset: StorePairs | ShardPairs, batch_size: int, num_workers: int) -> None:
+    def __init__(self, dataset: StreamedPairs, batch_size: int, num_workers: int) -> None:
         super().__init__()
         self.dataset = dataset
         self.batch_size = batch_size
