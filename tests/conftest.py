@@ -183,6 +183,25 @@ def tiny_tree(**overrides: str) -> dict[str, Any]:
     return params_tree(tiny_params(**overrides))
 
 
+def tiny_pretrain(checkpoint_dir: Path, **overrides: Any) -> Any:
+    """A ``PretrainConfig`` for in-process training tests: a width-0.125 backbone, a 64-64
+    projector, IMSVD at bin 16, one epoch of batch 16 on one CPU process, no resume."""
+    from imsvd.config import IMSVDConfig, PretrainConfig
+
+    values: dict[str, Any] = dict(
+        width=0.125,
+        projector="64-64",
+        imsvd=IMSVDConfig(bin_size=16),
+        epochs=1,
+        batch_size=16,
+        checkpoint_dir=str(checkpoint_dir),
+        accelerator="cpu",
+        devices="1",
+        resume=False,
+    )
+    return PretrainConfig(**{**values, **overrides})
+
+
 @dataclass(frozen=True)
 class FinishedRun:
     """A project copy after one complete tiny ``kedro run``, and how long the run took."""

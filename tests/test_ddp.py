@@ -11,9 +11,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from conftest import tiny_pretrain
 from imsvd.augment import ShardPairs, build_view_cache, pair_dataset
 from imsvd.checkpoints import load_weights
-from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
+from imsvd.config import AugmentConfig
 from imsvd.preprocess import channel_stats
 from imsvd.training import RunIdentity, pretrain
 
@@ -25,21 +26,14 @@ def _train(tmp_path, devices: str, method: str = "imsvd"):
     aug = AugmentConfig(size=8, views=4, cache_dir=str(tmp_path / "views"))
     build_view_cache(images, "fp", aug, progress=False)
     dataset, _ = pair_dataset(images, "fp", aug, use_cache=True, seed=0)
-    cfg = PretrainConfig(
+    cfg = tiny_pretrain(
+        tmp_path / f"ckpt-{devices}",
         method=method,
-        width=0.125,
-        projector="64-64",
-        imsvd=IMSVDConfig(bin_size=16),
-        epochs=1,
-        batch_size=16,
         base_lr=25.6,  # lr 1.6: a visible step
         weight_decay=0.0,
         warmup_epochs=0.0,
         device_flip=False,
-        checkpoint_dir=str(tmp_path / f"ckpt-{devices}"),
-        accelerator="cpu",
         devices=devices,
-        resume=False,
         # float32: the equality below is to float rounding; bf16 autocast (auto on a CPU with
         # native bf16) rounds each rank's half batch differently from the whole.
         precision="32-true",
@@ -99,17 +93,7 @@ def test_two_ddp_processes_each_stream_their_own_half_of_a_sharded_view_cache(tm
     assert build_view_cache(images, "fp", aug, progress=False).manifest["format"] == "shards"
     dataset, source = pair_dataset(images, "fp", aug, use_cache=True, seed=0)
     assert source == "cache" and isinstance(dataset, ShardPairs)
-    cfg = PretrainConfig(
-        width=0.125,
-        projector="64-64",
-        imsvd=IMSVDConfig(bin_size=16),
-        epochs=1,
-        batch_size=16,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        accelerator="cpu",
-        devices="2",
-        resume=False,
-    )
+    cfg = tiny_pretrain(tmp_path / "ckpt", devices="2")
     result = pretrain(dataset, "cache", 1, [0.5], [0.25], cfg, RunIdentity.of(cfg, aug, "fp"))
     assert result.history["step"].tolist() == [1.0, 2.0, 3.0, 4.0]  # 64 pairs in global batches of 16
     loader = load_weights(tmp_path / "ckpt" / "last.ckpt")["loops"]["fit_loop"]["state_dict"][

@@ -276,25 +276,14 @@ def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path
 
 @pytest.mark.slow
 def test_two_ddp_processes_each_stream_their_own_half_of_the_store(tmp_path):
-    from imsvd.config import IMSVDConfig, PretrainConfig
+    from conftest import tiny_pretrain
     from imsvd.training import RunIdentity, pretrain
 
     data = noise_images(96, side=10)  # 64 training images
     write_image_store(data, tmp_path / "store", chunk_bytes="4KB")  # several chunks to share out
     aug = AugmentConfig(size=8)
     dataset = StorePairs(tmp_path / "store" / "train", aug, 1, seed=0)
-    cfg = PretrainConfig(
-        width=0.125,
-        projector="64-64",
-        imsvd=IMSVDConfig(bin_size=16),
-        epochs=1,
-        batch_size=16,
-        stream_store=True,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        accelerator="cpu",
-        devices="2",
-        resume=False,
-    )
+    cfg = tiny_pretrain(tmp_path / "ckpt", stream_store=True, devices="2")
     identity = RunIdentity.of(cfg, aug, data.fingerprint)
     result = pretrain(dataset, "image store", 1, [0.5], [0.25], cfg, identity)
     assert result.history["step"].tolist() == [1.0, 2.0, 3.0, 4.0]  # 64 pairs in global batches of 16

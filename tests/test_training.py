@@ -18,6 +18,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from conftest import tiny_pretrain
 from imsvd.augment import ShardPairs, build_view_cache, pair_dataset
 from imsvd.checkpoints import encoder_payload, load_encoder, load_weights
 from imsvd.config import AugmentConfig, IMSVDConfig, PretrainConfig
@@ -44,20 +45,8 @@ def pairs(digits, tmp_path_factory):
 
 
 def tiny(tmp_path: Path, **overrides) -> PretrainConfig:
-    values = dict(
-        width=0.125,
-        projector="128-128",
-        imsvd=IMSVDConfig(bin_size=16),
-        epochs=2,
-        batch_size=64,
-        base_lr=1.6,
-        warmup_epochs=0.0,
-        checkpoint_dir=str(tmp_path / "checkpoints"),
-        accelerator="cpu",
-        devices="1",
-    )
-    values.update(overrides)
-    return PretrainConfig(**values)
+    values = dict(projector="128-128", epochs=2, batch_size=64, base_lr=1.6, warmup_epochs=0.0, resume=True)
+    return tiny_pretrain(tmp_path / "checkpoints", **{**values, **overrides})
 
 
 def run(pairs, digits, cfg, fingerprint="digits-fp"):
@@ -393,10 +382,11 @@ def test_training_streams_a_sharded_view_cache(digits, tmp_path):
         assert build_view_cache(digits, "digits-fp", aug, progress=False).manifest["format"] == name
         dataset, source = pair_dataset(digits, "digits-fp", aug, use_cache=True, seed=0)
         assert source == "cache" and isinstance(dataset, ShardPairs) == (name == "shards")
-        cfg = tiny(tmp_path / name, epochs=3, num_workers=workers, resume=False)
+        # 5 epochs: at 3 the fall was 0.04-0.10 depending on the torch build's rounding.
+        cfg = tiny(tmp_path / name, epochs=5, num_workers=workers, resume=False)
         histories[name] = run(dataset, digits, cfg).history
     for history in histories.values():
-        assert history["step"].tolist() == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+        assert history["step"].tolist() == list(range(1, 5 * STEPS_PER_EPOCH + 1))
         assert np.isfinite(history["total"]).all()
     per_epoch = histories["shards"].groupby("epoch")["total"].mean()
     assert per_epoch.iloc[-1] < per_epoch.iloc[0] - 0.05
