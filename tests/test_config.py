@@ -183,7 +183,11 @@ def test_the_fashion_mnist_environment_changes_only_what_it_names():
     assert fashion["data"]["source"] == "fashion_mnist"
     assert fashion["data"]["path"] == "/usr/share/datasets/fashion-mnist"
     assert fashion["pretrain"]["imsvd"]["bin_size"] == 8 and fashion["augment"]["size"] == 28
-    # merged key by key: what the environment does not name keeps base's value
-    assert fashion["pretrain"]["imsvd"]["temperature"] == base["pretrain"]["imsvd"]["temperature"]
+    assert fashion["pretrain"]["imsvd"]["temperature"] == 0.125
+    # merged key by key: what the environment does not name keeps base's value, even
+    # inside a section (pretrain.imsvd) it changes other keys of
+    imsvd, base_imsvd = fashion["pretrain"]["imsvd"], base["pretrain"]["imsvd"]
+    assert imsvd["off_block_coeff"] == base_imsvd["off_block_coeff"]
+    assert imsvd["invariance_coeff"] == base_imsvd["invariance_coeff"]
     assert fashion["pretrain"]["base_lr"] == base["pretrain"]["base_lr"]
     assert fashion["validate"] == base["validate"]
