@@ -53,19 +53,40 @@ def test_knn_k_larger_than_train_set_and_chunking():
     assert ev.topk_accuracy(whole, y_test)[1] == 1.0  # exp(sim/0.07) lets near neighbours dominate
 
 
+def _plain_knn(x_train, y_train, x_test, k, t, classes):
+    a = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
+    b = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
+    expected = np.zeros((len(x_test), classes))
+    for i, row in enumerate(b @ a.T):
+        for j in np.argsort(-row)[:k]:
+            expected[i, y_train[j]] += math.exp(row[j] / t)
+    return expected
+
+
 def test_knn_matches_plain_transcription():
     rng = np.random.default_rng(2)
     x_train, x_test = rng.normal(size=(25, 6)), rng.normal(size=(7, 6))
     y_train = rng.integers(0, 3, 25)
-    k, t = 5, 0.1
-    a = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
-    b = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
-    expected = np.zeros((7, 3))
-    for i, row in enumerate(b @ a.T):
-        for j in np.argsort(-row)[:k]:
-            expected[i, y_train[j]] += math.exp(row[j] / t)
-    got = ev.knn_scores(x_train, y_train, x_test, k=k, temperature=t).double().numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    got = ev.knn_scores(x_train, y_train, x_test, k=5, temperature=0.1).double().numpy()
+    np.testing.assert_allclose(got, _plain_knn(x_train, y_train, x_test, 5, 0.1, 3), rtol=1e-4)
+
+
+def test_knn_protocols_from_one_pass_match_plain_transcriptions():
+    """The evaluation's two protocols (k=20 and k=200) share one similarity pass over
+    training chunks smaller than either k: each must still be its own plain kNN."""
+    rng = np.random.default_rng(4)
+    x_train, x_test = rng.normal(size=(300, 8)), rng.normal(size=(40, 8))
+    y_train = rng.integers(0, 4, 300)
+    protocols = [(20, 0.07), (200, 0.1), (3, 1.0)]
+    got = ev.knn_scores_many(x_train, y_train, x_test, protocols, train_chunk_size=17, chunk_size=9)
+    assert len(got) == len(protocols)
+    for scores, (k, t) in zip(got, protocols, strict=True):
+        expected = _plain_knn(x_train, y_train, x_test, k, t, 4)
+        np.testing.assert_allclose(scores.double().numpy(), expected, rtol=1e-4)
+    accuracies = ev.knn_accuracies(x_train, y_train, x_test, y_train[:40], protocols[:2])
+    assert accuracies[1] == ev.knn_accuracy(x_train, y_train, x_test, y_train[:40], k=200, temperature=0.1)
+    with pytest.raises(ConfigError, match="protocol"):
+        ev.knn_scores_many(x_train, y_train, x_test, [])
 
 
 def test_topk_accuracy_top5_at_least_top1_and_clipped():

@@ -210,3 +210,24 @@ def test_one_pass_reads_each_image_once_and_matches_the_separate_passes(tmp_path
         np.testing.assert_allclose(got.backbone, alone.backbone, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.projector, alone.projector, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pixels, at_most(images, 16).reshape(len(images), -1))
+
+
+def test_raw_pixels_are_capped_at_their_own_size_below_the_encoders():
+    """``evaluate.raw_pixels_size``: photos the encoder sees at 16 x 16 give an 8 x 8 pixel
+    baseline (a quarter of the kNN's cost per pair), and smaller images keep their size."""
+    from imsvd.inference import embed_split
+    from imsvd.preprocess import at_most
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18_cifar", 0.125, (32, 32), 3)
+    images = np.random.default_rng(7).integers(0, 256, size=(40, 24, 20, 3), dtype=np.uint8)
+    args = ([encoder], images, 16, [0.5] * 3, [0.25] * 3, 16)
+    features, pixels = embed_split(*args, pixels=True, pixels_size=8)
+    assert pixels is not None and pixels.shape == (40, 8 * 8 * 3)
+    np.testing.assert_array_equal(pixels, at_most(at_most(images, 16), 8).reshape(40, -1))
+    uncapped, wide = embed_split(*args, pixels=True, pixels_size=0)
+    assert wide is not None and wide.shape == (40, 16 * 16 * 3)
+    np.testing.assert_array_equal(features[0].backbone, uncapped[0].backbone)  # the encoder is untouched
+    small = images[:, :6, :5]
+    _, kept = embed_split([encoder], small, 16, [0.5] * 3, [0.25] * 3, 16, pixels=True, pixels_size=8)
+    np.testing.assert_array_equal(kept, small.reshape(40, -1))

@@ -446,6 +446,7 @@ class EvaluateConfig:
     linear_minibatch_epochs: int = 30
     memory_budget_mb: float = 1024.0
     scratch_dir: str | None = None
+    raw_pixels_size: int = 32
     batch_size: int = 256
     matrix_blocks: int = 4
     attribution_units: int = 6
@@ -460,6 +461,11 @@ class EvaluateConfig:
         _check(self.linear_batch_size >= 1, "evaluate.linear_batch_size", "must be at least 1")
         _check(self.linear_minibatch_epochs >= 1, "evaluate.linear_minibatch_epochs", "must be at least 1")
         _check(self.memory_budget_mb > 0, "evaluate.memory_budget_mb", "must be positive")
+        _check(
+            self.raw_pixels_size >= 0,
+            "evaluate.raw_pixels_size",
+            "must be 0 (the encoder's input size) or more",
+        )
         _check(self.matrix_blocks >= 1, "evaluate.matrix_blocks", "must be at least 1")
 
 

@@ -30,6 +30,7 @@ from imsvd.metrics import (
     collapse_report,
     discrete_code,
     effective_rank,
+    knn_accuracies,
     knn_accuracy,
     linear_probe,
     mean_abs_off_diagonal_correlation,
@@ -49,7 +50,8 @@ UNLABELLED_NOTE = (
 @dataclass(frozen=True)
 class Embeddings:
     """Frozen features of the train and test splits, for the trained and a random encoder,
-    and the raw-pixel baseline's (uint8, at most the encoder's input size)."""
+    and the raw-pixel baseline's (uint8, at most the encoder's input size and
+    ``evaluate.raw_pixels_size``)."""
 
     train: Features
     test: Features
@@ -90,6 +92,7 @@ def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig)
             max_in_memory_mb=cfg.memory_budget_mb / 4,
             scratch=scratch,
             pixels=True,
+            pixels_size=cfg.raw_pixels_size,
         )
         assert pixels is not None
         return features, pixels
@@ -124,9 +127,12 @@ def downstream(
     suffix: str = "",
 ) -> dict[str, float]:
     """kNN (two protocols) and linear-probe accuracies of one feature set, in percent."""
-    knn = knn_accuracy(train, train_y, test, test_y, k=cfg.knn_k, temperature=cfg.knn_temperature)
-    knn_l = knn_accuracy(
-        train, train_y, test, test_y, k=cfg.knn_k_lightly, temperature=cfg.knn_temperature_lightly
+    knn, knn_l = knn_accuracies(
+        train,
+        train_y,
+        test,
+        test_y,
+        [(cfg.knn_k, cfg.knn_temperature), (cfg.knn_k_lightly, cfg.knn_temperature_lightly)],
     )
     linear = linear_probe(
         train,

@@ -61,6 +61,7 @@ def embed_split(
     max_in_memory_mb: float | None = None,
     scratch: Path | None = None,
     pixels: bool = False,
+    pixels_size: int | None = None,
 ) -> tuple[list[Features], np.ndarray | None]:
     """One pass over ``images``: each encoder's features and, with ``pixels``, the raw-pixel
     baseline's, reading (for the image store: decoding) every image once.
@@ -74,7 +75,8 @@ def embed_split(
 
     The pixels are the flattened uint8 batch the encoders see: images larger than
     ``size``² shrunk to it (photos of 512 x 512 do not make 786,432-dimensional
-    features), smaller ones (the digits, Fashion-MNIST at 28) at their own size. They stay
+    features), or to ``pixels_size``² when that is smaller, smaller ones (the digits,
+    Fashion-MNIST at 28) at their own size. They stay
     uint8, not floats in [0, 1]: the kNN's cosine and the linear probe's standardisation
     do not see the scale, and the table is a quarter of the size (float32 was 786 MB on
     16,000 images of 64 x 64 RGB, all of it resident during evaluation).
@@ -87,11 +89,13 @@ def embed_split(
     devices = [next(encoder.parameters()).device for encoder in encoders]
     n, height, width, channels = images.shape
     shrink = height * width > size * size
+    pixel_side = size if not pixels_size else min(size, pixels_size)
+    shrink_pixels = height * width > pixel_side * pixel_side
     folder = scratch or Path(tempfile.gettempdir())
     outputs: list[tuple[np.ndarray, np.ndarray]] = []
     flat: np.ndarray | None = None
     if pixels:
-        dims = (size * size if shrink else height * width) * channels
+        dims = (pixel_side * pixel_side if shrink_pixels else height * width) * channels
         on_disk = max_in_memory_mb is not None and n * dims > max_in_memory_mb * 2**20
         flat = _allocate(n, dims, folder if on_disk else None, "pixels", np.uint8)
     for start in range(0, n, batch_size):
@@ -99,7 +103,8 @@ def embed_split(
         if shrink:
             batch = at_most(batch, size)  # model_input's own resize, done once for every use
         if flat is not None:
-            flat[start : start + len(batch)] = batch.reshape(len(batch), -1)
+            seen = at_most(batch, pixel_side) if pixel_side < size and shrink_pixels else batch
+            flat[start : start + len(batch)] = seen.reshape(len(batch), -1)
         if not encoders:
             continue
         x = model_input(batch, size, mean, std)

@@ -82,31 +82,35 @@ def _streamed_vote(
     train_block: Callable[[int], torch.Tensor],
     train_chunk_size: int,
     labels: torch.Tensor,
-    k: int,
-    temperature: float,
+    protocols: Sequence[tuple[int, float]],
     num_classes: int,
-) -> torch.Tensor:
-    """Class scores of each query chunk's ``k`` most similar training rows, visiting the
-    training set ``train_chunk_size`` rows at a time with a running top-k.
+) -> list[torch.Tensor]:
+    """Class scores of each query chunk's nearest training rows, visiting the training set
+    ``train_chunk_size`` rows at a time with a running top-k, for each ``(k, temperature)``
+    of ``protocols``.
 
     ``train_block(start)`` gives the prepared training rows from ``start`` (normalised
     features, one-hot codes); ``query @ block.T`` is the similarity. A training set of one
-    block is prepared once and kept.
+    block is prepared once and kept. One pass serves every protocol: it keeps the largest
+    k, and a smaller k votes with the first k of those (``topk`` sorts them), so the
+    reference's k = 20 and lightly's k = 200 cost one similarity pass, not two.
     """
+    k_max = max(k for k, _ in protocols)
     starts = range(0, n_train, train_chunk_size)
     kept = train_block(0) if len(starts) == 1 else None
-    chunks = []
+    chunks: list[list[torch.Tensor]] = [[] for _ in protocols]
     for query in queries:
         best_sim = torch.empty(query.shape[0], 0, dtype=query.dtype)
         best_idx = torch.empty(query.shape[0], 0, dtype=torch.long)
         for start in starts:
             block = kept if kept is not None else train_block(start)
-            sim, idx = (query @ block.T).topk(min(k, block.shape[0]), dim=1)
+            sim, idx = (query @ block.T).topk(min(k_max, block.shape[0]), dim=1)
             merged = torch.cat([best_sim, sim], dim=1)
-            best_sim, order = merged.topk(min(k, merged.shape[1]), dim=1)
+            best_sim, order = merged.topk(min(k_max, merged.shape[1]), dim=1)
             best_idx = torch.cat([best_idx, idx + start], dim=1).gather(1, order)
-        chunks.append(_vote(best_sim, best_idx, labels, temperature, num_classes))
-    return torch.cat(chunks) if chunks else torch.zeros(0, num_classes)
+        for out, (k, temperature) in zip(chunks, protocols, strict=True):
+            out.append(_vote(best_sim[:, :k], best_idx[:, :k], labels, temperature, num_classes))
+    return [torch.cat(out) if out else torch.zeros(0, num_classes) for out in chunks]
 
 
 def _rows(x: ArrayLike, name: str) -> tuple[int, int]:
@@ -130,6 +134,28 @@ def knn_scores(
     chunk_size: int = 1024,
     train_chunk_size: int = 65_536,
 ) -> torch.Tensor:
+    """Class scores of the weighted cosine kNN classifier: :func:`knn_scores_many` with one
+    ``(k, temperature)``."""
+    return knn_scores_many(
+        train_features,
+        train_labels,
+        test_features,
+        [(k, temperature)],
+        num_classes,
+        chunk_size,
+        train_chunk_size,
+    )[0]
+
+
+def knn_scores_many(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    protocols: Sequence[tuple[int, float]],
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+    train_chunk_size: int = 65_536,
+) -> list[torch.Tensor]:
     """Class scores of the weighted cosine kNN classifier (Wu et al. 2018).
 
     Each test sample takes its ``k`` nearest training samples by cosine similarity; each
@@ -145,17 +171,17 @@ def knn_scores(
         train_features: (N_train, F) frozen features of the labelled training set.
         train_labels: (N_train,) class indices in [0, C).
         test_features: (M, F) features to classify.
-        k: neighbours; clipped to N_train when larger.
-        temperature: vote temperature (> 0).
+        protocols: ``(k, temperature)`` pairs, scored from one similarity pass: k
+            neighbours (clipped to N_train when larger), vote temperature (> 0).
         num_classes: C; by default ``max(train_labels) + 1``.
         chunk_size: test rows per similarity block.
         train_chunk_size: training rows per similarity block.
 
     Returns:
-        (M, C) float tensor of summed votes (higher is more likely).
+        One (M, C) float tensor of summed votes (higher is more likely) per protocol.
 
     Raises:
-        ConfigError: k, temperature or a chunk size not positive.
+        ConfigError: no protocol, or a k, temperature or chunk size not positive.
         DataError: shapes disagree or the training set is empty.
     """
     n_train, width = _rows(train_features, "train_features")
@@ -165,12 +191,15 @@ def knn_scores(
         raise DataError("kNN needs at least one training sample")
     if width != test_width:
         raise DataError(f"train features have {width} columns, test features {test_width}")
-    check_positive(k, "k")
-    check_positive(temperature, "temperature")
+    if not protocols:
+        raise ConfigError("kNN needs at least one (k, temperature) protocol")
+    for k, temperature in protocols:
+        check_positive(k, "k")
+        check_positive(temperature, "temperature")
     check_positive(chunk_size, "chunk_size")
     check_positive(train_chunk_size, "train_chunk_size")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    k = min(k, n_train)
+    protocols = [(min(k, n_train), temperature) for k, temperature in protocols]
     dtype = _as_float(train_features[:1], "train_features", 2).dtype  # float64 kept, else float32
     # Wide features (raw pixels: 12,288 values per 64 x 64 RGB image) would make one chunk of
     # 65,536 rows several GiB: the chunk is also capped in bytes.
@@ -185,9 +214,7 @@ def knn_scores(
         F.normalize(_as_float(test_features[i : i + chunk_size], "test_features", 2).to(dtype), dim=1)
         for i in range(0, n_test, chunk_size)
     )
-    return _streamed_vote(
-        queries, n_train, train_block, train_chunk_size, labels, k, temperature, num_classes
-    )
+    return _streamed_vote(queries, n_train, train_block, train_chunk_size, labels, protocols, num_classes)
 
 
 def topk_accuracy(scores: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -230,11 +257,31 @@ def knn_accuracy(
     Returns:
         ``{k: accuracy in [0, 1]}`` for each k in ``ks``.
     """
+    return knn_accuracies(
+        train_features, train_labels, test_features, test_labels, [(k, temperature)], ks, chunk_size
+    )[0]
+
+
+def knn_accuracies(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    test_labels: ArrayLike,
+    protocols: Sequence[tuple[int, float]],
+    ks: Sequence[int] = (1, 5),
+    chunk_size: int = 1024,
+) -> list[dict[int, float]]:
+    """:func:`knn_accuracy` for several ``(k, temperature)`` protocols from one similarity
+    pass (:func:`knn_scores_many`).
+
+    Returns:
+        One ``{k: accuracy in [0, 1]}`` per protocol.
+    """
     y_test = torch.as_tensor(test_labels)
     y_train = torch.as_tensor(train_labels)
     num_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
-    scores = knn_scores(train_features, y_train, test_features, k, temperature, num_classes, chunk_size)
-    return topk_accuracy(scores, y_test, ks)
+    scores = knn_scores_many(train_features, y_train, test_features, protocols, num_classes, chunk_size)
+    return [topk_accuracy(s, y_test, ks) for s in scores]
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -243,9 +290,8 @@ def knn_accuracy(
 #: Bytes per feature value of the full-batch probe: the float64 standardisation and its float32 result.
 FULL_BATCH_BYTES = 12
 
-#: The most float64 values of one mini-batch the probe standardises at once. A batch of
-#: 4,096 raw 64 x 64 RGB images is 400 MB in float64 and took four such copies; wider
-#: batches are split into pieces whose gradients are summed, which is the same step.
+#: The most float32 values (in bytes) of one mini-batch the probe standardises at once. A
+#: batch of 4,096 raw 64 x 64 RGB images is 200 MB in float32; wider batches are split into pieces whose gradients are summed, which is the same step.
 PIECE_BYTES = 64 * 2**20
 
 
@@ -328,15 +374,20 @@ def linear_probe(
         (0.5 * weight_decay * weight.pow(2).sum()).backward()
         optimizer.step()
 
-    piece = max(1, PIECE_BYTES // max(1, width * 8))
+    piece = max(1, PIECE_BYTES // max(1, width * 4))
 
     def standardised(features: ArrayLike, rows: np.ndarray | slice, name: str) -> torch.Tensor:
-        return ((_as_float(features[rows], name, 2).double() - mean) / std).float()
+        # The statistics are float64; applying them in float32 loses nothing the float32
+        # layer would keep, and costs a third of the float64 round trip (the mini-batch
+        # probe's largest cost on raw pixels).
+        x = _as_float(features[rows], name, 2).float()  # may share the caller's memory
+        return torch.sub(x, mean32).mul_(inv_std32)
 
     if memory_budget_mb is None or n * width * FULL_BATCH_BYTES <= memory_budget_mb * 2**20:
         x_train = _as_float(train_features, "train_features", 2).double()
         mean = x_train.mean(0)
         std = x_train.std(0, unbiased=False).clamp_min(1e-8)  # constant columns become 0, not NaN
+        mean32, inv_std32 = mean.float(), std.reciprocal().float()
         x_train = ((x_train - mean) / std).float()
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         for _ in range(epochs):
@@ -345,6 +396,7 @@ def linear_probe(
         del x_train
     else:
         mean, std = _column_stats(train_features, piece)
+        mean32, inv_std32 = mean.float(), std.reciprocal().float()
         batches = math.ceil(n / batch_size)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=minibatch_epochs * batches)
         for _ in range(minibatch_epochs):
@@ -664,8 +716,14 @@ def code_knn_scores(
         F.one_hot(chunk, bin_size).reshape(chunk.shape[0], -1).float() for chunk in test.split(chunk_size)
     )
     return _streamed_vote(
-        queries, train.shape[0], train_block, train_chunk_size, labels, k, temperature * blocks, num_classes
-    )
+        queries,
+        train.shape[0],
+        train_block,
+        train_chunk_size,
+        labels,
+        [(k, temperature * blocks)],
+        num_classes,
+    )[0]
 
 
 def code_knn_accuracy(
