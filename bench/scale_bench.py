@@ -22,6 +22,7 @@ memory is set by the batch and the view size, not by the number of images.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -37,26 +38,44 @@ from compare_methods import check_imports, export_project, import_paths, measure
 STAGES = ("validate", "augment", "pretrain", "evaluate")
 
 
+def _make_picture(root: Path, i: int, seed: int) -> None:
+    """Picture ``i``: its own seeded generator, so any process can make any picture."""
+    rng = np.random.default_rng([seed, i])
+    split = "test" if (i // 10) % 5 == 4 else "train"  # every class in both splits
+    folder = root / split / f"class{i % 10}"
+    height, width = (int(s) for s in rng.integers(64, 513, size=2))
+    coarse = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8))
+    picture = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    picture = np.clip(picture + rng.integers(-8, 8, size=picture.shape), 0, 255).astype(np.uint8)
+    if i % 2:
+        Image.fromarray(picture).save(folder / f"{i:07d}.png", optimize=False)
+    else:
+        Image.fromarray(picture).save(folder / f"{i:07d}.jpg", quality=90)
+
+
+def _make_range(args: tuple[Path, int, int, int]) -> int:
+    root, start, stop, seed = args
+    for i in range(start, stop):
+        _make_picture(root, i, seed)
+    return stop - start
+
+
 def make_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` seeded pictures with sides between 64 and 512, JPEG (quality 90) and PNG."""
+    """``n`` seeded pictures with sides between 64 and 512, JPEG (quality 90) and PNG, made by
+    one process per core (about 10 ms a picture each); a folder already complete is reused."""
     marker = root / f".complete-{n}"
     if marker.exists():
         return root
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        split = "test" if (i // 10) % 5 == 4 else "train"  # every class in both splits
-        folder = root / split / f"class{i % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        height, width = (int(s) for s in rng.integers(64, 513, size=2))
-        coarse = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8))
-        picture = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-        picture = np.clip(picture + rng.integers(-8, 8, size=picture.shape), 0, 255).astype(np.uint8)
-        if i % 2:
-            Image.fromarray(picture).save(folder / f"{i:07d}.png", optimize=False)
-        else:
-            Image.fromarray(picture).save(folder / f"{i:07d}.jpg", quality=90)
-        if i and i % 10000 == 0:
-            print(f"  made {i:,} images", flush=True)
+    for split in ("train", "test"):
+        for label in range(10):
+            (root / split / f"class{label}").mkdir(parents=True, exist_ok=True)
+    step = 2_000
+    ranges = [(root, start, min(start + step, n), seed) for start in range(0, n, step)]
+    made = 0
+    with multiprocessing.get_context("spawn").Pool(len(os.sched_getaffinity(0))) as pool:
+        for count in pool.imap_unordered(_make_range, ranges):
+            made += count
+            print(f"  made {made:,} of {n:,} images", flush=True)
     marker.touch()
     return root
 
