@@ -15,30 +15,39 @@ from torchvision.transforms import v2
 
 from imsvd.data import Images
 
+#: Pixels per channel counted at once by :func:`channel_stats` (their int64 copy: 512 KiB).
+BINCOUNT_ROWS = 2**16
+
 
 def channel_stats(
     train_images: Images, chunk_mb: float = 64.0
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation in [0, 1] units.
 
+    Computed from each channel's histogram of the 256 uint8 values, which gives the sums of
+    values and of squares exactly with no float copy of the images: a float64 copy of a
+    64 MB chunk, its square and its scaled copy took 1.5 GB and were the peak of a
+    pretraining run on photos (2.12 against 1.46 GiB while training).
+
     Args:
         train_images: (N, H, W, C) uint8.
-        chunk_mb: uint8 megabytes summed at a time (bounds memory: the float64 copy is 8x).
+        chunk_mb: uint8 megabytes read at a time (the store decodes them).
 
     Returns:
         (mean, std), each a tuple of C floats.
     """
     channels = train_images.shape[-1]
     chunk = max(1, int(chunk_mb * 2**20 // max(1, int(np.prod(train_images.shape[1:])))))
-    total = np.zeros(channels)
-    squares = np.zeros(channels)
+    counts = np.zeros((channels, 256), dtype=np.int64)
     for start in range(0, len(train_images), chunk):
-        block = train_images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
-        total += block.sum(axis=0)
-        squares += (block**2).sum(axis=0)
-    count = train_images.size // channels
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        block = np.asarray(train_images[start : start + chunk]).reshape(-1, channels)
+        for row in range(0, len(block), BINCOUNT_ROWS):  # bincount casts to int64: 8 bytes a value
+            for c in range(channels):
+                counts[c] += np.bincount(block[row : row + BINCOUNT_ROWS, c], minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    count = max(1, train_images.size // channels)
+    mean = counts @ values / count
+    std = np.sqrt(np.maximum(counts @ values**2 / count - mean**2, 0.0))
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
