@@ -60,6 +60,30 @@ def test_an_array_store_holds_every_image_in_order_with_its_shard(tmp_path):
     assert position == 300
 
 
+def test_channel_stats_of_a_large_store_come_from_evenly_spaced_rows(tmp_path):
+    """From the store (decoded row by row) the normalisation's statistics read at most
+    ``sample`` rows, spread over the whole set; in memory every pixel counts."""
+    from imsvd.preprocess import channel_stats
+    from imsvd.store import StoredImages
+
+    data = noise_images(300, side=8, channels=3)
+    write_image_store(data, tmp_path / "store", chunk_bytes="16KB")
+    rows = np.arange(200)
+    stored = StoredImages(
+        tmp_path / "store", np.full(200, "train"), rows, (200, 8, 8, 3), np.full(200, ""), np.zeros(200)
+    )
+    train = data.images[:200]
+
+    def stats(images, sample):
+        return np.asarray(channel_stats(images, sample=sample))
+
+    np.testing.assert_allclose(stats(stored, None), stats(train, None))
+    picked = np.unique(np.linspace(0, 199, 20).round().astype(int))
+    np.testing.assert_allclose(stats(stored, 20), stats(train[picked], None))
+    assert np.abs(stats(stored, 20) - stats(train, None)).max() > 1e-4
+    assert channel_stats(train, sample=20) == channel_stats(train)  # in memory: exact
+
+
 def test_a_folder_store_keeps_jpeg_and_png_bytes_and_converts_the_rest_at_their_own_size(tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "photos"
