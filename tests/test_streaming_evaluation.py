@@ -231,3 +231,31 @@ def test_raw_pixels_are_capped_at_their_own_size_below_the_encoders():
     small = images[:, :6, :5]
     _, kept = embed_split([encoder], small, 16, [0.5] * 3, [0.25] * 3, 16, pixels=True, pixels_size=8)
     np.testing.assert_array_equal(kept, small.reshape(40, -1))
+
+
+def test_the_full_batch_probe_holds_what_its_budget_counts():
+    """The full-batch probe is chosen when ``FULL_BATCH_BYTES`` per training value fit the
+    budget; it must then hold about that, not twice it (out-of-place standardisation took
+    1.5 times as much here). Measured as the growth of the peak RSS of a fresh process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import resource, numpy as np
+        from imsvd.metrics import FULL_BATCH_BYTES, linear_probe
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (8000, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, 8000)
+        linear_probe(x[:50], y[:50], x[:50], y[:50], epochs=2)  # warm up torch's allocator
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        linear_probe(x, y, x[:500], y[:500], epochs=3, memory_budget_mb=1024)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        print(grown / (x.size * FULL_BATCH_BYTES))
+        """
+    )
+    ratio = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert ratio < 1.25, f"the full-batch probe held {ratio:.2f}x what FULL_BATCH_BYTES counts"
