@@ -5,12 +5,16 @@ memory, measured from outside the process tree.
 
 The folder (seeded smooth colour pictures, each side drawn between 64 and 512 pixels, JPEG
 and PNG alternating, 10 class folders, a fifth of them under test/) is made once per size
-under ``--folder`` and reused. The project is exported at ``--commit`` into a temporary
-folder. Each stage is one ``kedro run --pipeline=<stage>``: ``validate``, ``augment``
-(views of 64x64, as shards unless --max-array-mb), one epoch of ``pretrain`` capped at ``--steps`` steps, streaming the
-image store (or the view cache: ``--pretrain-from cache``), and ``evaluate``. Memory is the peak, sampled every 0.2 s, of the sum of PSS
-over the process tree (shared pages counted once). The decode rate of the cores is measured
-first: one process decoding a sample of the folder's files, times the cores.
+under ``--folder`` and reused. Each size gets its own project, exported at ``--commit`` into a
+temporary folder (or into ``--keep``, kept and reused with its outputs). Each stage is one
+``kedro run --pipeline=<stage>``: ``validate``, ``augment`` (views of 64x64, as shards unless
+--max-array-mb), one epoch of ``pretrain`` capped at ``--steps`` steps, streaming the image
+store (or the view cache: ``--pretrain-from cache``), and ``evaluate``. Memory is the peak,
+sampled every 0.2 s, of the sum of PSS over the process tree (shared pages counted once),
+and of its anonymous part (what is not a file's cached page: the libraries, and
+memory-mapped features and chunks, are file pages the kernel can drop). The decode rate of
+the cores is measured first: one process decoding a sample of the folder's files, times the
+cores.
 
 The encoder is the reference's ImageNet one, ``resnet18`` (stride-2 stem and max-pool), as
 suits photos cropped to 64x64. ``--backbone resnet18_cifar`` (the small-image default, no
@@ -22,8 +26,10 @@ memory is set by the batch and the view size, not by the number of images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -132,18 +138,29 @@ def main() -> int:
         help="augment.max_array_mb: 0 (default) writes the view cache as shards, read with file "
         "reads; 2048 is the product's default (one memory-mapped array up to 2 GiB)",
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the projects (one per size, with their outputs) in this folder, and reuse "
+        "them: a later run with --stages evaluate reruns only that stage on the kept outputs",
+    )
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
     rows = []
-    with tempfile.TemporaryDirectory() as work:
-        project = Path(work) / "project"
-        commit = export_project(project, args.commit)
-        check_imports(project)
-        env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(import_paths(project))
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    keep = contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory()
+    with keep as work:
         for n in args.images:
+            # One project per size, so a size's stages read that size's outputs. A kept one
+            # gets the code of --commit afresh and keeps its data/ (to rerun a stage).
+            project = Path(work) / f"project-{n}"
+            for code in ("src", "conf", "pipelines"):
+                shutil.rmtree(project / code, ignore_errors=True)
+            commit = export_project(project, args.commit)
+            check_imports(project)
+            env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+            env["PYTHONPATH"] = os.pathsep.join(import_paths(project))
+            env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
             folder = make_folder(args.folder / str(n), n)
             rate = decode_rate(folder)
             print(
@@ -173,7 +190,8 @@ def main() -> int:
                 rows.append((n, stage, result, count))
                 print(
                     f"  {stage:<9} {result['seconds']:7.0f} s  {count / result['seconds']:8.0f} images/s  "
-                    f"peak PSS {result['pss'] / 1024:6.2f} GiB  ({result['processes']:.0f} processes)",
+                    f"peak PSS {result['pss'] / 1024:6.2f} GiB, anonymous {result['pss_anon'] / 1024:5.2f} GiB  "
+                    f"({result['processes']:.0f} processes)",
                     flush=True,
                 )
     print(
@@ -181,11 +199,12 @@ def main() -> int:
         f"augment.max_array_mb={args.max_array_mb:g}; "
         f"pretrain: {args.backbone}, {args.steps} steps of 256 pairs, views 64x64, from the {args.pretrain_from}"
     )
-    print("| images | stage | wall s | images/s | peak PSS of the tree GiB |")
-    print("|---|---|---|---|---|")
+    print("| images | stage | wall s | images/s | peak PSS of the tree GiB | of it anonymous GiB |")
+    print("|---|---|---|---|---|---|")
     for n, stage, r, count in rows:
         print(
-            f"| {n:,} | {stage} | {r['seconds']:.0f} | {count / r['seconds']:.0f} | {r['pss'] / 1024:.2f} |"
+            f"| {n:,} | {stage} | {r['seconds']:.0f} | {count / r['seconds']:.0f} | {r['pss'] / 1024:.2f} "
+            f"| {r['pss_anon'] / 1024:.2f} |"
         )
     sizes = sorted({n for n, *_ in rows})
     if len(sizes) == 2:
@@ -193,7 +212,10 @@ def main() -> int:
         for stage in args.stages:
             a = next(r for n, s, r, _ in rows if n == small and s == stage)
             b = next(r for n, s, r, _ in rows if n == large and s == stage)
-            print(f"{stage}: peak PSS at {large:,} / at {small:,} = x{b['pss'] / a['pss']:.2f}")
+            print(
+                f"{stage}: peak PSS at {large:,} / at {small:,} = x{b['pss'] / a['pss']:.2f}, "
+                f"anonymous x{b['pss_anon'] / a['pss_anon']:.2f}"
+            )
     return 0
 
 
