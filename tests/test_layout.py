@@ -58,3 +58,17 @@ def test_importing_every_library_module_loads_no_kedro() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_every_dataset_between_nodes_is_declared_and_never_copied() -> None:
+    """A dataset missing from the catalog becomes a MemoryDataset that deep-copies what it
+    passes on (a second copy of every decoded image once sat between validate's nodes):
+    every dataset is declared, and the in-memory ones with ``copy_mode: assign``."""
+    import yaml
+    from imsvd_pipelines.pipeline_registry import register_pipelines
+
+    catalog = yaml.safe_load((ROOT / "conf/base/catalog.yml").read_text())
+    names = {d for d in register_pipelines()["__default__"].datasets() if not d.startswith("params:")}
+    assert names - catalog.keys() == set()
+    in_memory = {n: e for n, e in catalog.items() if e.get("type") == "MemoryDataset"}
+    assert in_memory and all(e.get("copy_mode") == "assign" for e in in_memory.values()), in_memory
