@@ -235,7 +235,7 @@ def test_raw_pixels_are_capped_at_their_own_size_below_the_encoders():
 
 def test_the_full_batch_probe_holds_what_its_budget_counts():
     """The full-batch probe is chosen when ``FULL_BATCH_BYTES`` per training value fit the
-    budget; it must then hold about that, not twice it (out-of-place standardisation took
+    budget; it must then hold about that (out-of-place standardisation took
     1.5 times as much here). Measured as the growth of the peak RSS of a fresh process."""
     import subprocess
     import sys
