@@ -122,6 +122,10 @@ def _rows(x: ArrayLike, name: str) -> tuple[int, int]:
 
 #: The largest normalised block of training features the kNN holds at once.
 TRAIN_CHUNK_BYTES = 64 * 2**20
+#: The largest block of similarities (test rows x training rows) the kNN holds at once: at
+#: 65,536 training rows a block was 256 MiB, so evaluation's memory grew with the training
+#: set up to that many rows.
+SIMILARITY_BYTES = 64 * 2**20
 
 
 def knn_scores(
@@ -165,7 +169,8 @@ def knn_scores_many(
     Both sides are read in chunks, so the features may be memory maps larger than memory:
     ``chunk_size`` test rows against ``train_chunk_size`` training rows at a time, keeping a
     running top-k per test row. Memory is O(chunk_size * train_chunk_size) plus one chunk
-    of each; a training set of one chunk is normalised once and kept.
+    of each, both capped in bytes (``TRAIN_CHUNK_BYTES``, ``SIMILARITY_BYTES``); a
+    training set of one chunk is normalised once and kept.
 
     Args:
         train_features: (N_train, F) frozen features of the labelled training set.
@@ -204,7 +209,14 @@ def knn_scores_many(
     # Wide features (raw pixels: 12,288 values per 64 x 64 RGB image) would make one chunk of
     # 65,536 rows several GiB: the chunk is also capped in bytes.
     itemsize = torch.finfo(dtype).bits // 8
-    train_chunk_size = max(1, min(train_chunk_size, TRAIN_CHUNK_BYTES // max(1, width * itemsize)))
+    train_chunk_size = max(
+        1,
+        min(
+            train_chunk_size,
+            TRAIN_CHUNK_BYTES // max(1, width * itemsize),
+            SIMILARITY_BYTES // (min(chunk_size, max(1, n_test)) * itemsize),
+        ),
+    )
 
     def train_block(start: int) -> torch.Tensor:
         rows = train_features[start : start + train_chunk_size]
