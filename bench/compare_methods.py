@@ -93,6 +93,8 @@ def import_paths(project: Path) -> list[str]:
     shim = project / ".imports"
     shim.mkdir(exist_ok=True)
     link = shim / "imsvd_pipelines"
+    if link.is_symlink() and link.resolve() != (project / "pipelines").resolve():
+        link.unlink()  # a project copied or moved from elsewhere (scale_bench --keep)
     if not link.exists():
         link.symlink_to(project / "pipelines", target_is_directory=True)
     return [str(project / "src"), str(shim)]
