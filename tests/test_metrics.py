@@ -187,6 +187,47 @@ def test_effective_rank_matches_formula():
     assert ev.effective_rank(x) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
 
 
+def test_chunked_moments_match_whole_matrix_transcriptions(monkeypatch):
+    """Correlation, RankMe and the code statistics are summed over chunks of rows (memory
+    O(D²)); with chunks of 7 rows they equal plain whole-matrix formulas, a constant
+    column included, and a large mean does not cancel the correlation's digits."""
+    from imsvd.losses import joint_distribution, soft_discretize
+
+    rng = np.random.default_rng(11)
+    n, d = 101, 12
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 1e4  # mean far above the spread
+    x[:, 5] = 3.0  # constant: no defined correlation, counts as 0
+    monkeypatch.setattr(ev, "MOMENT_BYTES", 7 * 8 * d)  # 7 rows a chunk, N not a multiple
+    stats = ev.moments(x)
+    assert stats.n == n
+    centred = x - x.mean(0)
+    std = np.linalg.norm(centred, axis=0)
+    corr = (centred.T @ centred) / np.outer(np.where(std > 0, std, 1), np.where(std > 0, std, 1))
+    corr[5, :] = corr[:, 5] = 0
+    np.testing.assert_allclose(stats.correlation().numpy(), corr, atol=1e-9)
+    owner = np.arange(d) // 3
+    expected = np.abs(corr)[owner[:, None] != owner[None, :]].mean()
+    assert ev.mean_abs_off_diagonal_correlation(x, block=3) == pytest.approx(expected, rel=1e-9)
+    np.testing.assert_allclose(stats.gram().numpy(), x.T @ x, rtol=1e-12)
+    s = np.linalg.svd(x - 1e4, compute_uv=False)  # RankMe of a well-conditioned matrix
+    p = s / s.sum() + 1e-7
+    assert ev.effective_rank(x - 1e4) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    wide = rng.normal(size=(5, 9))  # N < D: only N singular values, as svdvals gives
+    sw = np.linalg.svd(wide, compute_uv=False)
+    pw = sw / sw.sum() + 1e-7
+    assert ev.effective_rank(wide) == pytest.approx(math.exp(-(pw * np.log(pw)).sum()), rel=1e-6)
+
+    z = rng.normal(size=(n, d)).astype(np.float32)
+    codes = soft_discretize(torch.from_numpy(z), 4, 0.5)
+    code_stats = ev.code_statistics(z, lambda chunk: soft_discretize(chunk, 4, 0.5))
+    assert code_stats.shape == (n, 3, 4)
+    np.testing.assert_allclose(code_stats.marginals(), ev.block_marginals(codes), rtol=1e-6)
+    np.testing.assert_allclose(code_stats.occupancy(), ev.bin_occupancy(codes))
+    flat = codes.reshape(n, -1)
+    np.testing.assert_allclose(code_stats.joint(), joint_distribution(flat, flat).numpy(), atol=1e-6)
+    assert ev.bin_usage(code_stats) == pytest.approx(ev.bin_usage(codes))
+
+
 # ----------------------------------------------------------------------------- bin usage, MI
 
 

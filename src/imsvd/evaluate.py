@@ -22,11 +22,13 @@ from imsvd.checkpoints import load_encoder
 from imsvd.config import EvaluateConfig, PretrainConfig
 from imsvd.data import TEST, TRAIN, ImageData, is_labelled
 from imsvd.inference import Features, embed_split, images_per_second
-from imsvd.losses import joint_distribution, soft_discretize
+from imsvd.losses import soft_discretize
 from imsvd.metrics import (
+    CodeStatistics,
     bin_usage,
     code_bits,
     code_knn_accuracy,
+    code_statistics,
     collapse_report,
     discrete_code,
     effective_rank,
@@ -34,6 +36,7 @@ from imsvd.metrics import (
     knn_accuracy,
     linear_probe,
     mean_abs_off_diagonal_correlation,
+    moments,
     off_block_mutual_information,
 )
 from imsvd.models import build_encoder
@@ -155,9 +158,11 @@ def shape_metrics(emb: Embeddings) -> dict[str, Any]:
     """Sizes, inference speed, and redundancy of the projector outputs and of the backbone
     features (what downstream tasks use) on the test split."""
     z = emb.test.projector
-    rank = effective_rank(z)
     features = emb.test.backbone
-    backbone_rank = effective_rank(features)
+    # One chunked pass per matrix gives both its correlation and its rank (Moments: D x D).
+    z_moments, backbone_moments = moments(z), moments(features, name="backbone")
+    rank = effective_rank(z_moments)
+    backbone_rank = effective_rank(backbone_moments)
     return {
         "images_train": len(emb.train_labels),
         "images_test": len(emb.test_labels),
@@ -165,10 +170,10 @@ def shape_metrics(emb: Embeddings) -> dict[str, Any]:
         "embedding_dim": int(z.shape[1]),
         "bytes_per_embedding": int(emb.train.backbone.shape[1] * 4),
         "inference_images_per_second": float(emb.images_per_second),
-        "mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(z),
+        "mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(z_moments),
         "effective_rank": rank,
         "effective_rank_ratio": rank / z.shape[1],
-        "backbone_mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(features),
+        "backbone_mean_abs_offdiag_correlation": mean_abs_off_diagonal_correlation(backbone_moments),
         "backbone_effective_rank": backbone_rank,
         "backbone_effective_rank_ratio": backbone_rank / features.shape[1],
     }
@@ -186,23 +191,22 @@ def code_metrics(emb: Embeddings, cfg: EvaluateConfig) -> tuple[dict[str, Any], 
     """
     z = emb.test.projector
     section = emb.config.imsvd
-    codes = soft_discretize(torch.from_numpy(z), section.bin_size, section.temperature)
-    usage = bin_usage(codes)
-    flat = codes.reshape(len(z), -1)
+    stats = _code_statistics(z, section.bin_size, section.temperature)
+    usage = bin_usage(stats)
     out = {
         "bin_entropy": usage["normalized_entropy"],
         "dead_bin_share": usage["dead_share"],
         "one_bin_block_share": usage["collapsed_block_share"],
         "off_block_mutual_information": off_block_mutual_information(
-            joint_distribution(flat, flat).numpy(), section.bin_size, seed=cfg.seed
+            stats.joint(), section.bin_size, seed=cfg.seed
         ),
         "code_bits": code_bits(z.shape[1] // section.bin_size, section.bin_size),
         "code_mean_abs_offblock_correlation": (
-            mean_abs_off_diagonal_correlation(flat, block=section.bin_size)
+            mean_abs_off_diagonal_correlation(stats.moments, block=section.bin_size)
             if z.shape[1] // section.bin_size >= 2
             else float("nan")  # one variable: no pair of blocks
         ),
-        "code_effective_rank": effective_rank(flat),
+        "code_effective_rank": effective_rank(stats.moments),
     }
     return out, usage
 
@@ -273,22 +277,32 @@ def compute_metrics(emb: Embeddings, cfg: EvaluateConfig) -> dict[str, Any]:
 def pictures(data: ImageData, emb: Embeddings, cfg: EvaluateConfig) -> tuple[Figure, Figure, Figure, Figure]:
     """Joint matrix, per-variable attribution, bin occupancy and the 2-D embedding map."""
     test = data.split(TEST)
-    z = torch.from_numpy(emb.test.projector)
+    z = emb.test.projector
     section = emb.config.imsvd
     bin_size = section.bin_size if emb.is_imsvd else _display_bin(z.shape[1])
     temperature = section.temperature if emb.is_imsvd else 1.0
-    codes = soft_discretize(z, bin_size, temperature)
-    flat = codes.reshape(len(z), -1)
-    joint = joint_distribution(flat, flat).numpy()
+    stats = _code_statistics(z, bin_size, temperature)
+    # The attribution shows block 0 only, so only the first two blocks are discretized
+    # (soft_discretize wants two or more), never the whole (N, B, bin) codes.
+    first_block = soft_discretize(
+        torch.from_numpy(np.ascontiguousarray(z[:, : 2 * bin_size])), bin_size, temperature
+    )[:, :1]
     labelled = is_labelled(test.labels)
     labels = test.labels if labelled else np.zeros(len(test.labels), dtype=np.int64)
     names = list(data.class_names) if labelled else ["unlabelled"]
     return (
-        joint_matrix_figure(joint, bin_size, cfg.matrix_blocks),
-        attribution_figure(test.images, codes.numpy(), 0, cfg.attribution_units, cfg.attribution_images),
-        bin_occupancy_figure(codes.numpy()),
+        joint_matrix_figure(stats.joint(), bin_size, cfg.matrix_blocks),
+        attribution_figure(
+            test.images, first_block.numpy(), 0, cfg.attribution_units, cfg.attribution_images
+        ),
+        bin_occupancy_figure(stats),
         embedding_map_figure(emb.test.backbone, labels, names, seed=cfg.seed),
     )
+
+
+def _code_statistics(z: np.ndarray, bin_size: int, temperature: float) -> CodeStatistics:
+    """The soft codes' statistics, from the projector outputs read in chunks."""
+    return code_statistics(z, lambda chunk: soft_discretize(chunk, bin_size, temperature), "projector")
 
 
 def _display_bin(dim: int) -> int:

@@ -451,8 +451,83 @@ def _column_stats(x: ArrayLike, batch_size: int) -> tuple[torch.Tensor, torch.Te
 
 # --------------------------------------------------------------------------- redundancy
 
+#: Rows of a chunk when second moments are summed (:class:`Moments`): at most this many
+#: bytes of float64 values, so the metrics' memory is set by D, not by N.
+MOMENT_BYTES = 64 * 2**20
 
-def mean_abs_off_diagonal_correlation(z: ArrayLike, block: int = 1) -> float:
+
+class Moments:
+    """First and second moments of a stream of (rows, D) chunks, summed in float64.
+
+    The redundancy metrics need only D x D sums: the correlation between columns comes
+    from the centred sums, the singular values of ``z`` from the eigenvalues of its
+    uncentred Gram matrix ``zᵀz``. Summed over chunks, they cost ``O(D²)`` memory for any
+    number of rows (at 40,000 x 1,024, the whole-matrix versions held three float64
+    copies of ``z`` and an SVD's workspace: over 1 GiB). The sums are taken about the
+    first row (``shift``), so centring does not cancel digits when a column's mean is
+    large against its spread.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.shift = torch.zeros(dim, dtype=torch.float64)
+        self.total = torch.zeros(dim, dtype=torch.float64)  # sum of (x - shift)
+        self.products = torch.zeros(dim, dim, dtype=torch.float64)  # sum of (x - shift)ᵀ(x - shift)
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """Add a (rows, D) chunk."""
+        x = chunk.double()
+        if self.n == 0 and len(x):
+            self.shift = x[0].clone()
+        x = x - self.shift
+        self.n += len(x)
+        self.total += x.sum(0)
+        self.products += x.T @ x
+
+    @property
+    def dim(self) -> int:
+        return int(self.shift.shape[0])
+
+    def correlation(self) -> torch.Tensor:
+        """(D, D) Pearson correlation; 0 in the rows and columns of constant columns."""
+        centred = self.products - torch.outer(self.total, self.total) / self.n
+        var = centred.diagonal().clamp_min(0)
+        # A column whose spread is at rounding level of its sums is constant.
+        scale = self.products.diagonal().abs().clamp_min(1e-300)
+        std = torch.where(var > 1e-12 * scale, var.sqrt(), torch.zeros_like(var))
+        inverse = torch.where(std > 0, 1 / std, torch.zeros_like(std))
+        return centred * inverse[:, None] * inverse[None, :]
+
+    def gram(self) -> torch.Tensor:
+        """(D, D) uncentred ``zᵀz``, rebuilt from the shifted sums."""
+        s = self.shift
+        return (
+            self.products
+            + torch.outer(s, self.total)
+            + torch.outer(self.total, s)
+            + self.n * torch.outer(s, s)
+        )
+
+
+def moments(
+    z: ArrayLike, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, name: str = "z"
+) -> Moments:
+    """:class:`Moments` of the rows of ``z`` (an array or a memory map, read in chunks of
+    :data:`MOMENT_BYTES`), or of ``transform`` applied to each chunk."""
+    n, d = _rows(z, name)
+    rows = max(1, MOMENT_BYTES // max(1, 8 * d))
+    out: Moments | None = None
+    for i in range(0, n, rows):
+        chunk = _as_float(z[i : i + rows], name, 2)
+        if transform is not None:
+            chunk = transform(chunk)
+        if out is None:
+            out = Moments(chunk.shape[1])
+        out.add(chunk)
+    return out if out is not None else Moments(d)
+
+
+def mean_abs_off_diagonal_correlation(z: ArrayLike | Moments, block: int = 1) -> float:
     """Mean absolute Pearson correlation between distinct columns of ``z`` (or, with
     ``block``, between columns of distinct blocks).
 
@@ -460,7 +535,8 @@ def mean_abs_off_diagonal_correlation(z: ArrayLike, block: int = 1) -> float:
     one other. A constant column has no defined correlation; it counts as 0.
 
     Args:
-        z: (N, D) features (for example the projector output), N >= 2, D >= 2.
+        z: (N, D) features (for example the projector output), N >= 2, D >= 2, or their
+            :class:`Moments` (read in chunks either way).
         block: columns come in blocks of this many consecutive units, and pairs inside
             one block are left out. For IMSVD's soft codes (``block = bin_size``): the
             units of one block sum to 1, so they are anticorrelated by construction and
@@ -469,38 +545,37 @@ def mean_abs_off_diagonal_correlation(z: ArrayLike, block: int = 1) -> float:
     Returns:
         The mean of ``|corr[i, j]|`` over the pairs of columns in different blocks.
     """
-    x = _as_float(z, "z", 2).double()
-    n, d = x.shape
+    stats = z if isinstance(z, Moments) else moments(z)
+    n, d = stats.n, stats.dim
     if n < 2 or d < 2:
         raise DataError(f"correlation needs at least 2 samples and 2 columns, got shape {(n, d)}")
     if block < 1 or d % block or d // block < 2:
         raise DataError(f"{d} columns do not make at least 2 blocks of {block}")
-    x = x - x.mean(0)
-    std = x.norm(dim=0)
-    x = x / torch.where(std > 0, std, torch.ones_like(std))
-    corr = x.T @ x
     owner = torch.arange(d) // block
-    return float(corr.abs()[owner[:, None] != owner[None, :]].mean())
+    return float(stats.correlation().abs()[owner[:, None] != owner[None, :]].mean())
 
 
-def effective_rank(z: ArrayLike, eps: float = RANKME_EPS) -> float:
+def effective_rank(z: ArrayLike | Moments, eps: float = RANKME_EPS) -> float:
     """RankMe effective rank (Garrido et al. 2023).
 
-    ``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / sum(sigma) + eps`` over the singular
-    values of ``z`` (not centred, as in the paper). Between 1 (rank one) and min(N, D)
-    (all singular values equal).
+    ``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / sum(sigma) + eps`` over the
+    min(N, D) singular values of ``z`` (not centred, as in the paper). Between 1 (rank
+    one) and min(N, D) (all singular values equal). The singular values are the square
+    roots of the eigenvalues of ``zᵀz``, summed in chunks (:class:`Moments`); their
+    rounding error is about ``1e-8 sigma_max``, a tenth of ``eps``.
 
     Args:
-        z: (N, D) embeddings.
+        z: (N, D) embeddings, or their :class:`Moments`.
         eps: added to the normalised singular values (the paper's 1e-7).
 
     Returns:
         The effective rank as a float.
     """
-    x = _as_float(z, "z", 2).double()
-    if x.numel() == 0:
-        raise DataError(f"effective rank needs a non-empty matrix, got shape {tuple(x.shape)}")
-    sigma = torch.linalg.svdvals(x)
+    stats = z if isinstance(z, Moments) else moments(z)
+    if stats.n == 0 or stats.dim == 0:
+        raise DataError(f"effective rank needs a non-empty matrix, got shape {(stats.n, stats.dim)}")
+    eigenvalues = torch.linalg.eigvalsh(stats.gram()).flip(0)[: min(stats.n, stats.dim)]
+    sigma = eigenvalues.clamp_min(0).sqrt()
     total = sigma.sum()
     if total <= 0:
         return 0.0
@@ -517,6 +592,61 @@ def _as_codes(codes: ArrayLike) -> torch.Tensor:
     if p.shape[0] == 0 or p.shape[2] < 2:
         raise DataError(f"codes must be (N, B, bin) with N >= 1 and bin >= 2, got {tuple(p.shape)}")
     return p
+
+
+class CodeStatistics:
+    """What the code metrics and pictures need of N soft codes, summed chunk by chunk:
+    the per-block marginals, the argmax counts, and the :class:`Moments` of the flattened
+    codes (whose Gram matrix over N is the joint matrix P). Memory ``O(D²)``, not ``O(N)``."""
+
+    def __init__(self, blocks: int, bins: int) -> None:
+        self.n = 0
+        self.marginal_sum = torch.zeros(blocks, bins, dtype=torch.float64)
+        self.argmax_counts = torch.zeros(blocks, bins, dtype=torch.float64)
+        self.moments = Moments(blocks * bins)
+
+    def add(self, codes: torch.Tensor) -> None:
+        """Add (rows, B, bin) soft codes."""
+        p = codes.double()
+        self.n += len(p)
+        self.marginal_sum += p.sum(0)
+        self.argmax_counts.scatter_add_(1, p.argmax(2).T, torch.ones(p.shape[1], len(p), dtype=torch.float64))
+        self.moments.add(p.reshape(len(p), -1))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.n, *self.marginal_sum.shape)
+
+    def marginals(self) -> np.ndarray:
+        """(B, bin): :func:`block_marginals`."""
+        return (self.marginal_sum / self.marginal_sum.sum(1, keepdim=True)).numpy()
+
+    def occupancy(self) -> np.ndarray:
+        """(B, bin): :func:`bin_occupancy`."""
+        return (self.argmax_counts / self.n).numpy()
+
+    def joint(self) -> np.ndarray:
+        """(D, D) ``P = pᵀp / N`` of the flattened codes (the two views being the same)."""
+        return (self.moments.gram() / self.n).numpy()
+
+
+def code_statistics(
+    z: ArrayLike, codes_of: Callable[[torch.Tensor], torch.Tensor], name: str = "z"
+) -> CodeStatistics:
+    """:class:`CodeStatistics` of ``codes_of(chunk)`` ((rows, B, bin) soft codes) over the
+    rows of ``z``, read in chunks of :data:`MOMENT_BYTES` of codes."""
+    n, d = _rows(z, name)
+    if n == 0:
+        raise DataError(f"{name} has no rows: code statistics need at least one")
+    rows = max(1, MOMENT_BYTES // max(1, 8 * d))
+    out: CodeStatistics | None = None
+    for i in range(0, n, rows):
+        codes = codes_of(_as_float(z[i : i + rows], name, 2))
+        if out is None:
+            out = CodeStatistics(codes.shape[1], codes.shape[2])
+        out.add(codes)
+    assert out is not None
+    return out
 
 
 def block_marginals(codes: ArrayLike) -> np.ndarray:
@@ -547,7 +677,9 @@ def bin_occupancy(codes: ArrayLike) -> np.ndarray:
     return (hits.sum(0) / n).numpy()
 
 
-def bin_usage(codes: ArrayLike, dead_fraction: float = DEAD_BIN_FRACTION) -> dict[str, float]:
+def bin_usage(
+    codes: ArrayLike | CodeStatistics, dead_fraction: float = DEAD_BIN_FRACTION
+) -> dict[str, float]:
     """How evenly the bins of each block are used by a set of soft codes.
 
     Dead bins are defined on the marginal, not on the argmax: a bin is dead when its
@@ -558,7 +690,8 @@ def bin_usage(codes: ArrayLike, dead_fraction: float = DEAD_BIN_FRACTION) -> dic
     kept in ``collapsed_block_share`` and ``bin_occupancy``.
 
     Args:
-        codes: (N, B, bin) soft codes, each (sample, block) row summing to 1.
+        codes: (N, B, bin) soft codes, each (sample, block) row summing to 1, or their
+            :class:`CodeStatistics`.
         dead_fraction: dead threshold as a fraction of the uniform share 1/bin.
 
     Returns:
@@ -568,11 +701,13 @@ def bin_usage(codes: ArrayLike, dead_fraction: float = DEAD_BIN_FRACTION) -> dic
         ``collapsed_block_share``: share of blocks whose argmax bin is the same for
         every sample (1.0 means the discrete code is constant).
     """
-    p = _as_codes(codes)
-    bins = p.shape[2]
-    marginal = torch.from_numpy(block_marginals(p))
+    if isinstance(codes, CodeStatistics):
+        marginal, occupancy = torch.from_numpy(codes.marginals()), torch.from_numpy(codes.occupancy())
+    else:
+        p = _as_codes(codes)
+        marginal, occupancy = torch.from_numpy(block_marginals(p)), torch.from_numpy(bin_occupancy(p))
+    bins = marginal.shape[1]
     entropy = -(marginal * marginal.clamp_min(1e-300).log()).sum(1)
-    occupancy = torch.from_numpy(bin_occupancy(p))
     return {
         "entropy": float(entropy.mean()),
         "normalized_entropy": float(entropy.mean() / math.log(bins)),

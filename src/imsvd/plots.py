@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from imsvd.data import Images, LazyImages
 from imsvd.errors import DataError
-from imsvd.metrics import bin_occupancy, block_marginals
+from imsvd.metrics import CodeStatistics, bin_occupancy, block_marginals
 
 #: Columns of a training history that are not loss terms.
 HISTORY_META_COLUMNS = ("epoch", "step", "lr", "images_per_second", "data_wait_share", "monitor_knn_top1")
@@ -158,21 +158,23 @@ def attribution_figure(
     return fig
 
 
-def bin_occupancy_figure(codes: np.ndarray) -> Figure:
+def bin_occupancy_figure(codes: np.ndarray | CodeStatistics) -> Figure:
     """Heatmap of the share of samples whose most probable bin is each bin, per block.
 
     A healthy code spreads each row evenly (about 1/bin everywhere); a collapsed block is
     a row with a single bright cell.
 
     Args:
-        codes: (N, B, bin) soft codes.
+        codes: (N, B, bin) soft codes, or their :class:`~imsvd.metrics.CodeStatistics`.
 
     Returns:
         The figure.
     """
-    p = np.asarray(codes, dtype=np.float64)
-    occupancy = bin_occupancy(p)
-    marginal = block_marginals(p)
+    if isinstance(codes, CodeStatistics):
+        samples, occupancy, marginal = codes.n, codes.occupancy(), codes.marginals()
+    else:
+        p = np.asarray(codes, dtype=np.float64)
+        samples, occupancy, marginal = p.shape[0], bin_occupancy(p), block_marginals(p)
     blocks, bins = occupancy.shape
     entropy = -(marginal * np.log(np.clip(marginal, 1e-300, None))).sum(1).mean() / np.log(bins)
     width = min(12.0, max(6.5, 3.0 + 0.22 * bins))
@@ -190,7 +192,7 @@ def bin_occupancy_figure(codes: np.ndarray) -> Figure:
     ax.set_ylabel("block (variable)")
     fig.suptitle(
         _wrap(
-            f"Bin occupancy over {p.shape[0]} samples (even use = 1/{bins} = {1 / bins:.3f} per cell; "
+            f"Bin occupancy over {samples} samples (even use = 1/{bins} = {1 / bins:.3f} per cell; "
             f"mean normalised marginal entropy {entropy:.2f})",
             width,
         )
