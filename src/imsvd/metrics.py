@@ -15,7 +15,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -509,22 +509,22 @@ class Moments:
         )
 
 
-def moments(
-    z: ArrayLike, transform: Callable[[torch.Tensor], torch.Tensor] | None = None, name: str = "z"
-) -> Moments:
-    """:class:`Moments` of the rows of ``z`` (an array or a memory map, read in chunks of
-    :data:`MOMENT_BYTES`), or of ``transform`` applied to each chunk."""
+def _row_chunks(z: ArrayLike, name: str) -> Iterator[torch.Tensor]:
+    """The rows of ``z`` (an array or a memory map) as float tensors, in chunks whose
+    float64 copy takes at most :data:`MOMENT_BYTES`."""
     n, d = _rows(z, name)
     rows = max(1, MOMENT_BYTES // max(1, 8 * d))
-    out: Moments | None = None
     for i in range(0, n, rows):
-        chunk = _as_float(z[i : i + rows], name, 2)
-        if transform is not None:
-            chunk = transform(chunk)
-        if out is None:
-            out = Moments(chunk.shape[1])
+        yield _as_float(z[i : i + rows], name, 2)
+
+
+def moments(z: ArrayLike, name: str = "z") -> Moments:
+    """:class:`Moments` of the rows of ``z`` (an array or a memory map, read in chunks of
+    :data:`MOMENT_BYTES`)."""
+    out = Moments(_rows(z, name)[1])
+    for chunk in _row_chunks(z, name):
         out.add(chunk)
-    return out if out is not None else Moments(d)
+    return out
 
 
 def mean_abs_off_diagonal_correlation(z: ArrayLike | Moments, block: int = 1) -> float:
@@ -635,13 +635,11 @@ def code_statistics(
 ) -> CodeStatistics:
     """:class:`CodeStatistics` of ``codes_of(chunk)`` ((rows, B, bin) soft codes) over the
     rows of ``z``, read in chunks of :data:`MOMENT_BYTES` of codes."""
-    n, d = _rows(z, name)
-    if n == 0:
+    if _rows(z, name)[0] == 0:
         raise DataError(f"{name} has no rows: code statistics need at least one")
-    rows = max(1, MOMENT_BYTES // max(1, 8 * d))
     out: CodeStatistics | None = None
-    for i in range(0, n, rows):
-        codes = codes_of(_as_float(z[i : i + rows], name, 2))
+    for chunk in _row_chunks(z, name):
+        codes = codes_of(chunk)
         if out is None:
             out = CodeStatistics(codes.shape[1], codes.shape[2])
         out.add(codes)
