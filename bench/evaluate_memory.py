@@ -6,9 +6,9 @@ bench's shapes: the anonymous memory each phase adds over what the features them
 For N images (a fifth of them test, as in ``bench/scale_bench.py``) it makes the features
 ``evaluate`` holds for the reference's resnet18 with the default projector: backbone
 (N, 512) and projector (N, 1024) float32 for the trained and the random encoder, and the
-raw-pixel table (N, 3 x 32 x 32) uint8, each in memory or memory-mapped in a scratch folder by
-the rule of :func:`imsvd.inference.embed_split` (``evaluate.memory_budget_mb`` shared by four
-feature sets). Each phase of :mod:`imsvd.evaluate` then runs in this process, and its peak
+raw-pixel table (N, 3 x 32 x 32) uint8, a split's in memory or memory-mapped in a scratch
+folder by the rule of :func:`imsvd.inference.embed_split` (all of a split's features in
+memory while they take at most a quarter of ``evaluate.memory_budget_mb``). Each phase of :mod:`imsvd.evaluate` then runs in this process, and its peak
 ``RssAnon`` (sampled every 20 ms) minus the level before it is printed: memory-mapped pages
 are file pages and do not count, in-memory features were allocated before the first phase.
 The labelled phases (kNN and linear probe of the trained encoder, raw pixels and the random
@@ -44,7 +44,8 @@ def synthetic_embeddings(n: int, scratch: Path, budget_mb: float = 1024.0) -> tu
     """Embeddings of ``n`` images (clustered features, 10 classes) and the test images."""
     from imsvd.config import PretrainConfig, parse
     from imsvd.evaluate import Embeddings
-    from imsvd.inference import Features, _allocate
+    from imsvd.inference import Features
+    from imsvd.memmaps import allocate
 
     rng = np.random.default_rng(0)
     n_test = n // 5
@@ -52,11 +53,14 @@ def synthetic_embeddings(n: int, scratch: Path, budget_mb: float = 1024.0) -> tu
     labels = rng.integers(0, 10, n)
     centres = rng.normal(size=(10, 1536)).astype(np.float32)
 
+    def where(rows: slice) -> Path | None:
+        # embed_split's rule: both encoders' outputs and the pixels of a split, together.
+        return scratch if (rows.stop - rows.start) * (2 * 1536 * 4 + 3072) > budget_mb / 4 * 2**20 else None
+
     def features(rows: slice, name: str) -> Features:
         count = rows.stop - rows.start
-        on_disk = count * 1536 * 4 > budget_mb / 4 * 2**20
-        backbone = _allocate(count, 512, scratch if on_disk else None, f"{name}_backbone")
-        projector = _allocate(count, 1024, scratch if on_disk else None, f"{name}_projector")
+        backbone = allocate(count, 512, where(rows), f"{name}_backbone")
+        projector = allocate(count, 1024, where(rows), f"{name}_projector")
         for i in range(0, count, 20_000):
             part = labels[rows][i : i + 20_000]
             x = centres[part] + 2.0 * rng.normal(size=(len(part), 1536)).astype(np.float32)
@@ -66,9 +70,7 @@ def synthetic_embeddings(n: int, scratch: Path, budget_mb: float = 1024.0) -> tu
 
     def pixels(rows: slice, name: str) -> np.ndarray:
         count = rows.stop - rows.start
-        flat = _allocate(
-            count, 3072, scratch if count * 3072 > budget_mb / 4 * 2**20 else None, name, np.uint8
-        )
+        flat = allocate(count, 3072, where(rows), name, np.uint8)
         for i in range(0, count, 20_000):
             flat[i : i + 20_000] = rng.integers(0, 256, (min(20_000, count - i), 3072), dtype=np.uint8)
         return flat

@@ -259,3 +259,55 @@ def test_the_full_batch_probe_holds_what_its_budget_counts():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     )
     assert ratio < 1.25, f"the full-batch probe held {ratio:.2f}x what FULL_BATCH_BYTES counts"
+
+
+def _resident_file_mib() -> float:
+    """This process's resident pages of files (memory maps included), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_released_map_pages_leave_the_process_and_keep_their_values(tmp_path):
+    from imsvd.memmaps import allocate, mapping, read_rows, release
+
+    mapped = allocate(32_768, 1024, tmp_path, "x")  # 128 MiB, unlinked
+    assert mapping(mapped[10:20]) is mapping(mapped) is not None and mapping(np.ones(3)) is None
+    before = _resident_file_mib()
+    mapped[:] = np.arange(1024, dtype=np.float32)  # every page written, so resident
+    assert _resident_file_mib() - before > 100
+    release(mapped)
+    assert _resident_file_mib() - before < 16
+    # The written pages were not lost: they are read back from the page cache (or the file).
+    np.testing.assert_array_equal(read_rows(mapped, slice(32_000, 32_003)), np.tile(np.arange(1024), (3, 1)))
+    in_memory = np.ones((4, 3))
+    assert read_rows(in_memory, slice(0, 2)).base is in_memory  # no copy outside maps
+
+
+def test_reading_memory_mapped_features_holds_one_chunk_not_the_file(tmp_path):
+    """kNN, probe (both paths), moments and discrete codes over a 128 MiB memory map: the map's
+    pages do not stay resident once read (without the release they all would)."""
+    rng = np.random.default_rng(8)
+    n = 65_536
+    written = np.lib.format.open_memmap(tmp_path / "train.npy", mode="w+", dtype=np.float32, shape=(n, 512))
+    labels = rng.integers(0, 4, n)
+    for i in range(0, n, 8192):
+        written[i : i + 8192] = rng.normal(size=(8192, 512)).astype(np.float32) + labels[i : i + 8192, None]
+    written.flush()
+    del written
+    train = np.load(tmp_path / "train.npy", mmap_mode="r")  # a fresh map: nothing of it resident yet
+    test = np.array(train[:300])
+    runs = {
+        "kNN": lambda: ev.knn_scores(train, labels, test, k=20),
+        "moments": lambda: ev.moments(train),
+        "codes": lambda: ev.discrete_code(train, 8),
+        "probe, full batch": lambda: ev.linear_probe(train, labels, test, labels[:300], epochs=2),
+        "probe, mini-batches": lambda: ev.linear_probe(
+            train, labels, test, labels[:300], memory_budget_mb=1, minibatch_epochs=1
+        ),
+    }
+    for name, run in runs.items():
+        before = _resident_file_mib()
+        run()
+        assert _resident_file_mib() - before < 32, f"{name} left the map's pages resident"

@@ -84,7 +84,9 @@ def embed(data: ImageData, encoder_payload: dict[str, Any], cfg: EvaluateConfig)
 
     def one_pass(split: ImageData) -> tuple[list[Features], np.ndarray]:
         # Each split is read once (from the image store: decoded once) for both encoders
-        # and the pixels. Four feature sets and two pixel tables share the budget.
+        # and the pixels. Its features, all together, may take a quarter of the budget in
+        # memory (so both splits half of it; the full-batch probe has the other half),
+        # else they are memory maps read in chunks.
         features, pixels = embed_split(
             [loaded.encoder, random_encoder],
             split.images,
@@ -146,7 +148,7 @@ def downstream(
         lr=cfg.linear_lr,
         weight_decay=cfg.linear_weight_decay,
         seed=cfg.seed,
-        memory_budget_mb=cfg.memory_budget_mb,
+        memory_budget_mb=cfg.memory_budget_mb / 2,  # the features in memory may hold the other half
         batch_size=cfg.linear_batch_size,
         minibatch_epochs=cfg.linear_minibatch_epochs,
     )

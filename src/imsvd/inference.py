@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from imsvd.data import Images
+from imsvd.memmaps import allocate, release
 from imsvd.models import Encoder
 from imsvd.preprocess import at_most, model_input
 
@@ -29,25 +29,6 @@ class Features:
 
     backbone: np.ndarray
     projector: np.ndarray
-
-
-def _allocate(
-    rows: int, width: int, scratch: Path | None, name: str, dtype: type[np.generic] = np.float32
-) -> np.ndarray:
-    """A (rows, width) array of ``dtype``: in memory, or a memory map in ``scratch``.
-
-    The map's file is unlinked once mapped: the mapping keeps its pages, their disk space
-    goes with the array's last reference, and a crash leaves no file behind.
-    """
-    if scratch is None:
-        return np.empty((rows, width), dtype=dtype)
-    scratch.mkdir(parents=True, exist_ok=True)
-    handle, path = tempfile.mkstemp(prefix=f"imsvd-{name}-", suffix=".npy", dir=scratch)
-    os.close(handle)
-    try:
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, width))
-    finally:
-        os.unlink(path)
 
 
 @torch.no_grad()
@@ -68,10 +49,12 @@ def embed_split(
 
     Each batch is shrunk to the encoder's input once (:func:`at_most`, the uint8 resize of
     :func:`model_input`), then normalised by :func:`model_input` as in training, for every
-    encoder (eval mode). Each output is written into arrays allocated once; when an
-    encoder's two outputs together, or the pixels, would exceed ``max_in_memory_mb``
-    they are memory maps on disk (in ``scratch``, the system's temporary folder by
-    default), which the kNN and the linear probe read in chunks.
+    encoder (eval mode). Each output is written into arrays allocated once; when all of
+    them together (every encoder's two outputs and the pixels) would exceed
+    ``max_in_memory_mb`` they are all memory maps on disk (in ``scratch``, the system's
+    temporary folder by default), which the kNN and the linear probe read in chunks. The
+    maps' pages leave the process as each batch is written (:func:`imsvd.memmaps.release`),
+    so writing them holds one batch.
 
     The pixels are the flattened uint8 batch the encoders see: images larger than
     ``size``² shrunk to it (photos of 512 x 512 do not make 786,432-dimensional
@@ -92,42 +75,41 @@ def embed_split(
     pixel_side = size if not pixels_size else min(size, pixels_size)
     shrink_pixels = height * width > pixel_side * pixel_side
     folder = scratch or Path(tempfile.gettempdir())
+    dims = (pixel_side * pixel_side if shrink_pixels else height * width) * channels
     outputs: list[tuple[np.ndarray, np.ndarray]] = []
     flat: np.ndarray | None = None
-    if pixels:
-        dims = (pixel_side * pixel_side if shrink_pixels else height * width) * channels
-        on_disk = max_in_memory_mb is not None and n * dims > max_in_memory_mb * 2**20
-        flat = _allocate(n, dims, folder if on_disk else None, "pixels", np.uint8)
     for start in range(0, n, batch_size):
         batch = images[start : start + batch_size]
         if shrink:
             batch = at_most(batch, size)  # model_input's own resize, done once for every use
+        results = []
+        if encoders:
+            x = model_input(batch, size, mean, std)
+            results = [encoder(x.to(device)) for encoder, device in zip(encoders, devices, strict=True)]
+        if start == 0:
+            # The widths are known once the first batch has gone through every encoder.
+            row_bytes = (dims if pixels else 0) + 4 * sum(h.shape[1] + z.shape[1] for h, z in results)
+            on_disk = max_in_memory_mb is not None and n * row_bytes > max_in_memory_mb * 2**20
+            where = folder if on_disk else None
+            if pixels:
+                flat = allocate(n, dims, where, "pixels", np.uint8)
+            outputs = [
+                (allocate(n, h.shape[1], where, "backbone"), allocate(n, z.shape[1], where, "projector"))
+                for h, z in results
+            ]
         if flat is not None:
             seen = at_most(batch, pixel_side) if pixel_side < size and shrink_pixels else batch
             flat[start : start + len(batch)] = seen.reshape(len(batch), -1)
-        if not encoders:
-            continue
-        x = model_input(batch, size, mean, std)
-        for k, (encoder, device) in enumerate(zip(encoders, devices, strict=True)):
-            h, z = encoder(x.to(device))
-            if start == 0:
-                too_big = (
-                    max_in_memory_mb is not None
-                    and n * (h.shape[1] + z.shape[1]) * 4 > max_in_memory_mb * 2**20
-                )
-                where = folder if too_big else None
-                outputs.append(
-                    (
-                        _allocate(n, h.shape[1], where, "backbone"),
-                        _allocate(n, z.shape[1], where, "projector"),
-                    )
-                )
-            backbone, projector = outputs[k]
+            release(flat)
+        for (backbone, projector), (h, z) in zip(outputs, results, strict=True):
             backbone[start : start + len(h)] = h.float().cpu().numpy()
             projector[start : start + len(z)] = z.float().cpu().numpy()
+            release(backbone)
+            release(projector)
     if n == 0:
         empty = np.zeros((0, 0), dtype=np.float32)
         outputs = [(empty, empty) for _ in encoders]
+        flat = np.zeros((0, dims), dtype=np.uint8) if pixels else None
     return [Features(b, z) for b, z in outputs], flat
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from imsvd.errors import ConfigError, DataError, check_positive
+from imsvd.memmaps import read_rows
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -44,6 +45,13 @@ def _as_float(x: ArrayLike, name: str, ndim: int) -> torch.Tensor:
     if not (t.is_floating_point() and t.dtype == torch.float64):
         t = t.float()
     return t
+
+
+def _chunk(x: ArrayLike, rows: slice | np.ndarray, name: str) -> torch.Tensor:
+    """``x[rows]`` as by :func:`_as_float`, read with :func:`imsvd.memmaps.read_rows`: a
+    memory map's pages leave the process once the chunk is copied, so reading features
+    larger than memory chunk by chunk holds one chunk, not every page touched so far."""
+    return _as_float(read_rows(x, rows), name, 2)
 
 
 def _as_labels(y: ArrayLike, name: str, n: int) -> torch.Tensor:
@@ -219,11 +227,11 @@ def knn_scores_many(
     )
 
     def train_block(start: int) -> torch.Tensor:
-        rows = train_features[start : start + train_chunk_size]
-        return F.normalize(_as_float(rows, "train_features", 2).to(dtype), dim=1)
+        rows = _chunk(train_features, slice(start, start + train_chunk_size), "train_features")
+        return F.normalize(rows.to(dtype), dim=1)
 
     queries = (
-        F.normalize(_as_float(test_features[i : i + chunk_size], "test_features", 2).to(dtype), dim=1)
+        F.normalize(_chunk(test_features, slice(i, i + chunk_size), "test_features").to(dtype), dim=1)
         for i in range(0, n_test, chunk_size)
     )
     return _streamed_vote(queries, n_train, train_block, train_chunk_size, labels, protocols, num_classes)
@@ -299,8 +307,13 @@ def knn_accuracies(
 # --------------------------------------------------------------------------- linear probe
 
 
-#: Bytes per feature value of the full-batch probe: the float64 standardisation and its float32 result.
-FULL_BATCH_BYTES = 12
+#: Bytes per feature value of the full-batch probe: its standardised float32 copy. The
+#: statistics are summed in chunks and each chunk is standardised in float64 on its way in
+#: (at most :data:`FILL_BYTES` at a time); standardising a whole float64 copy took 12 bytes
+#: a value, 938 MiB for 160,000 x 512 backbone features.
+FULL_BATCH_BYTES = 4
+#: The float64 rows the full-batch probe standardises at once while filling its copy.
+FILL_BYTES = 16 * 2**20
 
 #: The most float32 values (in bytes) of one mini-batch the probe standardises at once. A
 #: batch of 4,096 raw 64 x 64 RGB images is 200 MB in float32; wider batches are split into pieces whose gradients are summed, which is the same step.
@@ -392,25 +405,25 @@ def linear_probe(
         # The statistics are float64; applying them in float32 loses nothing the float32
         # layer would keep, and costs a third of the float64 round trip (the mini-batch
         # probe's largest cost on raw pixels).
-        x = _as_float(features[rows], name, 2).float()  # may share the caller's memory
+        x = _chunk(features, rows, name).float()  # may share the caller's memory
         return torch.sub(x, mean32).mul_(inv_std32)
 
+    fill = max(1, FILL_BYTES // max(1, 8 * width))
+    mean, std = _column_stats(train_features, fill)  # constant columns get 1e-8: 0, not NaN
+    mean32, inv_std32 = mean.float(), std.reciprocal().float()
     if memory_budget_mb is None or n * width * FULL_BATCH_BYTES <= memory_budget_mb * 2**20:
-        # In place on one float64 copy, then float32: the 12 bytes a value FULL_BATCH_BYTES
-        # counts. Out of place, the difference and the quotient took 1.5 times that (tested).
-        x_train = _as_float(train_features, "train_features", 2).to(torch.float64, copy=True)
-        mean = x_train.mean(0)
-        std = x_train.std(0, unbiased=False).clamp_min(1e-8)  # constant columns become 0, not NaN
-        mean32, inv_std32 = mean.float(), std.reciprocal().float()
-        x_train = x_train.sub_(mean).div_(std).float()
+        # One float32 copy, filled chunk by chunk, each standardised in float64 on the way
+        # (FULL_BATCH_BYTES a value, tested): a whole float64 copy first held three times that.
+        x_train = torch.empty(n, width)
+        for i in range(0, n, fill):
+            chunk = _chunk(train_features, slice(i, i + fill), "train_features").to(torch.float64, copy=True)
+            x_train[i : i + fill] = chunk.sub_(mean).div_(std)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         for _ in range(epochs):
             step([(x_train, y_train)], n)
             schedule.step()
         del x_train
     else:
-        mean, std = _column_stats(train_features, piece)
-        mean32, inv_std32 = mean.float(), std.reciprocal().float()
         batches = math.ceil(n / batch_size)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=minibatch_epochs * batches)
         for _ in range(minibatch_epochs):
@@ -441,9 +454,10 @@ def _column_stats(x: ArrayLike, batch_size: int) -> tuple[torch.Tensor, torch.Te
     squares = torch.zeros_like(shift)
     n = int(x.shape[0])
     for i in range(0, n, batch_size):
-        chunk = _as_float(x[i : i + batch_size], "train_features", 2).double() - shift
+        chunk = _chunk(x, slice(i, i + batch_size), "train_features").to(torch.float64, copy=True)
+        chunk -= shift
         total += chunk.sum(0)
-        squares += chunk.pow(2).sum(0)
+        squares += chunk.pow_(2).sum(0)
     mean = total / n
     var = (squares / n - mean.pow(2)).clamp_min(0)
     return mean + shift, var.sqrt().clamp_min(1e-8)
@@ -515,7 +529,7 @@ def _row_chunks(z: ArrayLike, name: str) -> Iterator[torch.Tensor]:
     n, d = _rows(z, name)
     rows = max(1, MOMENT_BYTES // max(1, 8 * d))
     for i in range(0, n, rows):
-        yield _as_float(z[i : i + rows], name, 2)
+        yield _chunk(z, slice(i, i + rows), name)
 
 
 def moments(z: ArrayLike, name: str = "z") -> Moments:
@@ -784,14 +798,19 @@ def discrete_code(z: ArrayLike, bin_size: int) -> np.ndarray:
     Returns:
         (N, B) int64 array of bin indices in [0, bin_size).
     """
-    t = torch.as_tensor(z).detach().cpu()
-    if t.ndim == 2:
-        if bin_size < 1 or t.shape[1] % bin_size:
-            raise DataError(f"bin_size {bin_size} must divide the code size {t.shape[1]}")
-        t = t.reshape(t.shape[0], -1, bin_size)
-    elif t.ndim != 3 or t.shape[2] != bin_size:
-        raise DataError(f"z must be (N, D) or (N, B, {bin_size}), got shape {tuple(t.shape)}")
-    return t.argmax(2).long().numpy()
+    shape = tuple(z.shape)
+    if len(shape) == 2:
+        if bin_size < 1 or shape[1] % bin_size:
+            raise DataError(f"bin_size {bin_size} must divide the code size {shape[1]}")
+    elif len(shape) != 3 or shape[2] != bin_size:
+        raise DataError(f"z must be (N, D) or (N, B, {bin_size}), got shape {shape}")
+    blocks = math.prod(shape[1:]) // bin_size
+    out = np.empty((shape[0], blocks), dtype=np.int64)
+    rows = max(1, MOMENT_BYTES // max(1, 8 * blocks * bin_size))  # a memory map is read in chunks
+    for i in range(0, shape[0], rows):
+        chunk = _as_float(read_rows(z, slice(i, i + rows)), "z", len(shape))
+        out[i : i + len(chunk)] = chunk.reshape(len(chunk), blocks, bin_size).argmax(2).numpy()
+    return out
 
 
 def code_bits(num_blocks: int, bin_size: int) -> float:

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from imsvd.data import Images, LazyImages
 from imsvd.errors import DataError
+from imsvd.memmaps import read_rows
 from imsvd.metrics import CodeStatistics, bin_occupancy, block_marginals
 
 #: Columns of a training history that are not loss terms.
@@ -306,13 +307,14 @@ def embedding_map_figure(
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
-    if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] < 2:
-        raise DataError(f"features must be (N, F) with N >= 2 and labels (N,), got {x.shape} and {y.shape}")
-    if x.shape[0] > max_points:
-        keep = np.random.default_rng(seed).choice(x.shape[0], max_points, replace=False)
-        x, y = x[keep], y[keep]
+    shape = tuple(features.shape)
+    if len(shape) != 2 or y.shape != (shape[0],) or shape[0] < 2:
+        raise DataError(f"features must be (N, F) with N >= 2 and labels (N,), got {shape} and {y.shape}")
+    keep: np.ndarray | slice = slice(None)
+    if shape[0] > max_points:  # drawn before the float64 copy: a memory map is read only there
+        keep = np.random.default_rng(seed).choice(shape[0], max_points, replace=False)
+    x, y = np.asarray(read_rows(features, keep), dtype=np.float64), y[keep]
     n = x.shape[0]
     if n < TSNE_MIN_SAMPLES or x.shape[1] < 2:
         components = min(2, x.shape[1], n)
