@@ -477,7 +477,7 @@ def test_damaged_shards_are_detected_and_rebuilt(tmp_path: Path, digits: np.ndar
 def test_sharded_cache_reads_keep_mapped_memory_flat(tmp_path: Path) -> None:
     """Reading every view of a 126 MiB cache: the array's pages stay mapped (RSS grows by
     the whole cache), the shards' chunks are read a few at a time (litdata maps at most 4
-    chunks of 16 MB)."""
+    chunks of CHUNK_BYTES)."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5400, 16, 16, 3), dtype=np.uint8)
     size = 5400 * 2 * 3 * 64 * 64

@@ -437,3 +437,26 @@ def test_mixed_channels_and_unreadable_files_are_reported_together(make_image_fo
     (root / "train" / "dog" / "text.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"1 unreadable image file.*text\.png.*mix 1 and 3 channels"):
         load_image_folder(root, 10_000)
+
+
+def _frozen_objects(path: Path) -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_decoding_workers_leave_the_parents_objects_to_the_collector_frozen(tmp_path):
+    """The forked workers inherit the parent's per-file tables with the collector kept off
+    them (gc.freeze, so a child's collection does not copy their pages), and the parent
+    gets them back to its collector once the pool has ended."""
+    import gc
+
+    from imsvd import decoding
+
+    tables = [{"path": f"file-{i}"} for i in range(50_000)]  # like the parent's per-file records
+    paths = [tmp_path / f"{i}.png" for i in range(decoding.MIN_PARALLEL_FILES)]
+    assert gc.get_freeze_count() == 0
+    counts = [n for n, reason in decoding.map_files(_frozen_objects, paths, 10**8, workers=2)]
+    assert len(counts) == len(paths)
+    assert min(counts) > len(tables)  # every worker saw at least the tables frozen
+    assert gc.get_freeze_count() == 0

@@ -75,7 +75,7 @@ _TO_L = {"1", "L", "LA", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per image: slots keep each to 64 bytes, not ~200
 class OriginalImage:
     """What one source image looked like before conversion to the canonical form.
 
@@ -362,18 +362,19 @@ def load_fashion_mnist(folder: Path) -> ImageData:
 # --- image folders ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per file: no instance dict, no Path object
 class ImageFile:
     """One image file found in an image folder.
 
     Attributes:
-        path: the file as listed (maybe a symlink).
+        path: the file as listed (maybe a symlink), as a string: a ``Path`` object costs
+            several hundred bytes, which a folder of a million files pays a million times.
         image_id: path relative to the data folder (``train/cat/001.png``).
         split: ``"train"`` or ``"test"``.
         class_name: its class folder, or ``None`` when unlabelled.
     """
 
-    path: Path
+    path: str
     image_id: str
     split: str
     class_name: str | None
@@ -444,17 +445,21 @@ def list_image_files(root: Path) -> list[ImageFile]:
                 outside.append(str(folder))
                 continue
             count = 0
-            for path in _visible(list(folder.iterdir())):
-                if path.is_dir():
-                    raise DataError(f"{path}: nested folders are not supported inside {folder}")
-                if path.suffix.lower() not in extensions:
-                    skipped.append(str(path))
+            # os.scandir: names and types without a Path object or a stat per file; only
+            # a symlink needs resolving to know it stays inside data.path.
+            with os.scandir(folder) as listing:
+                listed = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+            prefix = f"{split}/{class_name}/" if class_name is not None else f"{split}/"
+            for entry in listed:
+                if entry.is_dir():
+                    raise DataError(f"{entry.path}: nested folders are not supported inside {folder}")
+                if os.path.splitext(entry.name)[1].lower() not in extensions:
+                    skipped.append(entry.path)
                     continue
-                if not _is_inside(path, real_root):
-                    outside.append(str(path))
+                if entry.is_symlink() and not _is_inside(Path(entry.path), real_root):
+                    outside.append(entry.path)
                     continue
-                image_id = path.relative_to(root).as_posix()
-                found.append(ImageFile(path, image_id, split, class_name))
+                found.append(ImageFile(entry.path, prefix + entry.name, split, class_name))
                 count += 1
             if count == 0:
                 raise DataError(f"{folder} holds no image files")

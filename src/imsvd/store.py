@@ -68,11 +68,13 @@ from imsvd.validation import new_staging, publish, staged_folder
 logger = logging.getLogger(__name__)
 
 STORE_VERSION = 1
-# litdata's chunk size. Its writer holds a multiple of it while a chunk is built: streaming
-# 8,000 files of the scale bench, the writing process peaked at +750 MiB with 64 MB chunks,
-# +390 MiB with 16 MB (the same at 20,000 files: flat in N) and +206 MiB with 4 MB. 16 MB
-# is still one sequential read per chunk, and a loader's few prefetched chunks stay small.
-CHUNK_BYTES = "16MB"
+# litdata's chunk size. Its writer (0.2.76) holds five to six times a chunk while it builds
+# one (the items, then the chunk's Arrow rows copied three times): writing 3,000 items of
+# 80 kB peaked at +334 MiB with 64 MB chunks, +105 with 16 MB, +66 with 8 MB and +47 with
+# 4 MB, and validation writes two splits. 4 MB still reads each chunk in one sequential
+# read, keeps a loader's few prefetched chunks small, and gives a streamed shuffle more,
+# smaller windows; 200,000 photos make about 4,000 chunk files.
+CHUNK_BYTES = "4MB"
 # Files whose bytes go into the store unchanged (Pillow format names).
 KEPT_FORMATS = ("JPEG", "PNG")
 KEPT_MODES = ("L", "RGB")
@@ -554,7 +556,7 @@ def stream_into_store(
         with bomb_limit(pending.max_image_pixels):
             results = decoding.map_files(
                 encode,
-                [Path(p) for p in pending.paths],
+                pending.paths.tolist(),  # strings: a Path object per file costs hundreds of bytes
                 pending.max_image_pixels,
                 workers,
                 "decoding into the store",

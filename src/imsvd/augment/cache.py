@@ -5,7 +5,7 @@ Two formats, chosen by size (``augment.max_array_mb``):
 - **array**: one uint8 ``.npy`` file of shape ``(N, views, C, H, W)`` that training
   memory-maps. Fastest, but every page read stays mapped, so a run's resident memory
   grows with the cache (page cache the kernel may reclaim, yet counted in RSS).
-- **shards**: a litdata dataset in ``shards/``, one item per image in chunks of 16 MB,
+- **shards**: a litdata dataset in ``shards/``, one item per image in chunks of 4 MB (the store's ``CHUNK_BYTES``),
   streamed by litdata's loader, which maps at most 4 chunks at a time (memory flat in N). Views up to ``augment.encode_above`` pixels a side
   are stored as raw uint8 (PNG saves little on small crops and costs a decode per view);
   larger ones as lossless PNG, one per view, so a pair decodes two views, not all.
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from imsvd.augment.recipe import augment_images, multi_view_transform, recipe_params
 from imsvd.config import AugmentConfig
 from imsvd.data import Images
-from imsvd.decoding import cpu_count, die_with_parent
+from imsvd.decoding import cpu_count, die_with_parent, frozen_heap
 from imsvd.errors import DataError
 from imsvd.io import atomic_path, atomic_write_text, sha256_file, sha256_stream
 from imsvd.store import CHUNK_BYTES, decode_stored, forget_readers, png_bytes, reader
@@ -406,7 +406,11 @@ def _fill(out_path: Path, images: Images, cfg: AugmentConfig, workers: int, prog
                 bar.update(stop - start)
         out.flush()
         return
-    with _pool(images, cfg, workers, out_path) as pool, _progress(len(images), progress) as bar:
+    with (
+        frozen_heap(),
+        _pool(images, cfg, workers, out_path) as pool,
+        _progress(len(images), progress) as bar,
+    ):
         for done in pool.imap_unordered(_run_chunk, chunks):
             bar.update(done)
 
@@ -426,7 +430,7 @@ def _shard_items(images: Images, cfg: AugmentConfig, workers: int) -> Iterator[l
                 views = augment_images(images, range(start, stop), transform, cfg.seed)
                 yield [shard_item(item, encoded) for item in views]
         return
-    with _pool(images, cfg, workers, None) as pool:
+    with frozen_heap(), _pool(images, cfg, workers, None) as pool:
         pending: collections.deque[Any] = collections.deque()
         for bounds in chunks:
             pending.append(pool.apply_async(_shard_chunk, (bounds,)))

@@ -196,7 +196,7 @@ class StorePairs(StreamedPairs):
 class ShardPairs(StreamedPairs):
     """Pairs of two different cached views of the same image, streamed from a sharded cache.
 
-    Streamed, not read by index: random access would remap a 16 MB chunk for almost every
+    Streamed, not read by index: random access would remap a chunk for almost every
     item (534 views/s in ``bench/view_cache_formats.py``). The two views of an item are
     drawn with :func:`pair_indices`, as from the array.
 
