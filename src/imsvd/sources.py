@@ -31,11 +31,11 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -391,8 +391,12 @@ def _is_inside(path: Path, root: Path) -> bool:
     return resolved == root or root in resolved.parents
 
 
-def _visible(entries: Sequence[Path]) -> list[Path]:
-    return sorted(p for p in entries if not p.name.startswith("."))
+PathOrEntry = TypeVar("PathOrEntry", Path, "os.DirEntry[str]")
+
+
+def _visible(entries: Iterable[PathOrEntry]) -> list[PathOrEntry]:
+    """The entries that are not hidden, by name (``Path`` objects or ``os.DirEntry``)."""
+    return sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.name)
 
 
 def _name_files(paths: Sequence[str], limit: int = MAX_NAMED_FILES) -> str:
@@ -448,7 +452,7 @@ def list_image_files(root: Path) -> list[ImageFile]:
             # os.scandir: names and types without a Path object or a stat per file; only
             # a symlink needs resolving to know it stays inside data.path.
             with os.scandir(folder) as listing:
-                listed = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+                listed = _visible(listing)
             prefix = f"{split}/{class_name}/" if class_name is not None else f"{split}/"
             for entry in listed:
                 if entry.is_dir():

@@ -387,11 +387,14 @@ def _progress(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, desc="view cache", unit="img", disable=not enabled, mininterval=interval)
 
 
-def _pool(images: Images, cfg: AugmentConfig, workers: int, out_path: Path | None) -> Any:
-    # fork shares the images with the workers without pickling them.
+@contextlib.contextmanager
+def _pool(images: Images, cfg: AugmentConfig, workers: int, out_path: Path | None) -> Iterator[Any]:
+    # fork shares the images with the workers without pickling them (gc kept off them: frozen_heap).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    return context.Pool(workers, _init_worker, (images, cfg, None if out_path is None else str(out_path)))
+    args = (images, cfg, None if out_path is None else str(out_path))
+    with frozen_heap(), context.Pool(workers, _init_worker, args) as pool:
+        yield pool
 
 
 def _fill(out_path: Path, images: Images, cfg: AugmentConfig, workers: int, progress: bool) -> None:
@@ -406,11 +409,7 @@ def _fill(out_path: Path, images: Images, cfg: AugmentConfig, workers: int, prog
                 bar.update(stop - start)
         out.flush()
         return
-    with (
-        frozen_heap(),
-        _pool(images, cfg, workers, out_path) as pool,
-        _progress(len(images), progress) as bar,
-    ):
+    with _pool(images, cfg, workers, out_path) as pool, _progress(len(images), progress) as bar:
         for done in pool.imap_unordered(_run_chunk, chunks):
             bar.update(done)
 
@@ -430,7 +429,7 @@ def _shard_items(images: Images, cfg: AugmentConfig, workers: int) -> Iterator[l
                 views = augment_images(images, range(start, stop), transform, cfg.seed)
                 yield [shard_item(item, encoded) for item in views]
         return
-    with frozen_heap(), _pool(images, cfg, workers, None) as pool:
+    with _pool(images, cfg, workers, None) as pool:
         pending: collections.deque[Any] = collections.deque()
         for bounds in chunks:
             pending.append(pool.apply_async(_shard_chunk, (bounds,)))
