@@ -122,6 +122,8 @@ def test_old_flat_names_point_to_the_method_section():
         ({"projector": "1024-x"}, "pretrain.projector"),
         ({"method": "byol"}, "pretrain.method"),
         ({"optimizer": "adam"}, "pretrain.optimizer"),
+        ({"crop_on": "gpu"}, "pretrain.crop_on must be one of"),
+        ({"crop_on": "device"}, "pretrain.crop_on device crops the image store's originals"),
         ({"imsvd": {"temperature": 0}}, "pretrain.imsvd.temperature"),
     ],
 )

@@ -215,7 +215,14 @@ def test_store_pairs_crop_each_image_at_its_own_size_and_repeat_under_a_seed(tmp
         assert torch.equal(a, a2) and torch.equal(b, b2)
 
 
-def test_pretraining_streams_the_store_of_a_folder_of_mixed_sizes_and_resumes(tmp_path, in_process):
+@pytest.mark.parametrize(
+    ("first", "then"), [("workers", "workers"), ("device", "device"), ("workers", "device")]
+)
+def test_pretraining_streams_the_store_of_a_folder_of_mixed_sizes_and_resumes(
+    tmp_path, in_process, first, then
+):
+    """Views cropped in the DataLoader workers or on the device (here the CPU), and a run
+    resumed with the other place (a run started on a CPU, finished on a GPU)."""
     rng = np.random.default_rng(4)
     root = tmp_path / "photos"
     for split, count in (("train", 24), ("test", 6)):
@@ -226,12 +233,18 @@ def test_pretraining_streams_the_store_of_a_folder_of_mixed_sizes_and_resumes(tm
                 pixels = np.clip(level + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
                 write_image(root / split / cls / f"{i}.{'jpg' if i % 2 else 'png'}", pixels)
     project = copy_project(tmp_path / "project")
-    params = tiny_tree(pretrain__stream_store="true", pretrain__num_workers="2", pretrain__batch_size="8")
+    params = tiny_tree(
+        pretrain__stream_store="true",
+        pretrain__num_workers="2",
+        pretrain__batch_size="8",
+        pretrain__crop_on=first,
+    )
     params["data"] = {"source": "image_folder", "path": str(root)}
     in_process(project, "validate", params)
     in_process(project, "pretrain", params)
     encoder = load_weights(project / "data/06_models/encoder.pt")
-    assert encoder["view_source"] == "image store"
+    where = {"workers": "image store", "device": "image store, views drawn on the device"}
+    assert encoder["view_source"] == where[first]
     last = load_weights(project / "data/06_models/checkpoints/last.ckpt")
     # Lightning keeps litdata's loader state in the checkpoint: where the stream stopped.
     loader_state = last["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
@@ -239,16 +252,19 @@ def test_pretraining_streams_the_store_of_a_folder_of_mixed_sizes_and_resumes(tm
     assert last["epoch"] == 1 and last["global_step"] == 2 * TINY_STEPS_PER_EPOCH
 
     params["pretrain"]["epochs"] = 3
+    params["pretrain"]["crop_on"] = then
     in_process(project, "pretrain", params)
+    assert load_weights(project / "data/06_models/encoder.pt")["view_source"] == where[then]
     resumed = load_weights(project / "data/06_models/checkpoints/last.ckpt")
     assert resumed["global_step"] == 3 * TINY_STEPS_PER_EPOCH
     history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
     assert len(history) == 1 + 3 * TINY_STEPS_PER_EPOCH
 
 
-@pytest.mark.parametrize("views", ["store", "sharded cache"])
+@pytest.mark.parametrize("views", ["store", "store, views drawn on the device", "sharded cache"])
 def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path, in_process, views):
-    """Streaming the image store's originals, or the augment stage's sharded view cache."""
+    """Streaming the image store's originals (views drawn in the workers or on the device),
+    or the augment stage's sharded view cache."""
     from test_faults import KedroProcess
 
     rng = np.random.default_rng(5)
@@ -267,7 +283,8 @@ def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path
         data__source="image_folder",
         data__path=str(root),
         augment__max_array_mb="0",
-        pretrain__stream_store="true" if views == "store" else "false",
+        pretrain__stream_store="false" if views == "sharded cache" else "true",
+        pretrain__crop_on="device" if views.endswith("device") else "workers",
         pretrain__num_workers="2",
         pretrain__batch_size="8",
         pretrain__epochs="1",
@@ -294,7 +311,7 @@ def test_a_sigkill_mid_epoch_resumes_the_store_where_the_loader_stopped(tmp_path
     assert done["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["num_samples_yielded"] == 80
     history = (project / "data/07_model_output/pretrain_history.csv").read_text().splitlines()
     assert len(history) == 1 + steps
-    source = "image store" if views == "store" else "cache"
+    source = {"store": "image store", "sharded cache": "cache"}.get(views, "image " + views)
     assert load_weights(project / "data/06_models/encoder.pt")["view_source"] == source
 
 

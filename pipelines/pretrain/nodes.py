@@ -9,7 +9,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 
-from imsvd.augment import Pair, StorePairs, pair_dataset
+from imsvd.augment import Pair, StoreImages, StorePairs, pair_dataset
+from imsvd.augment.device import DeviceViews
 from imsvd.checkpoints import encoder_payload
 from imsvd.config import AugmentConfig, PretrainConfig, parse
 from imsvd.data import TRAIN, ImageData, is_labelled
@@ -17,7 +18,7 @@ from imsvd.plots import loss_curve_figure
 from imsvd.preprocess import channel_stats
 from imsvd.store import split_directory
 from imsvd.tracking import lightning_logger
-from imsvd.training import MonitorData, RunIdentity, pretrain
+from imsvd.training import MonitorData, RunIdentity, crops_on_device, pretrain
 from imsvd.validation import require_validated
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def pretrain_encoder(
     """Train the encoder with ``pretrain.method`` on pairs of augmented training views.
 
     With ``pretrain.stream_store`` the views are cropped on the fly from the image store's
-    images at their own size. Otherwise they come from the augment pipeline's cache when
+    images at their own size, in the DataLoader workers or on the device
+    (``pretrain.crop_on``). Otherwise they come from the augment pipeline's cache when
     it exists and its checksum, parameters and data fingerprint match
     (``view_cache_manifest`` is ``None`` when the augment pipeline has not run), else from
     on-the-fly augmentation of the validated arrays.
@@ -49,8 +51,13 @@ def pretrain_encoder(
     train = train_split.images
     fingerprint = data.fingerprint
     use_cache = cfg.use_cache and view_cache_manifest is not None
-    dataset: Dataset[Pair]
-    if cfg.stream_store:
+    dataset: Dataset[Pair] | StoreImages
+    device_views = None
+    if crops_on_device(cfg):
+        directory = split_directory(image_store, TRAIN, fingerprint)
+        dataset, source = StoreImages(directory, cfg.seed), "image store, views drawn on the device"
+        device_views = DeviceViews(augment, train.shape[-1])
+    elif cfg.stream_store:
         directory = split_directory(image_store, TRAIN, fingerprint)
         dataset, source = StorePairs(directory, augment, train.shape[-1], cfg.seed), "image store"
     else:
@@ -71,6 +78,7 @@ def pretrain_encoder(
         identity,
         logger=lightning_logger(),
         monitor_data=monitor,
+        device_views=device_views,
     )
     if result.resumed_from_epoch is not None:
         log.info("resumed from epoch %d", result.resumed_from_epoch)

@@ -21,6 +21,8 @@ T = TypeVar("T")
 BACKBONES = ("resnet18_cifar", "resnet18", "resnet50")
 METHODS = ("imsvd", "barlow_twins", "vicreg", "simclr")
 OPTIMIZERS = ("sgd", "lars")
+#: Where the image store's views are drawn: auto (the device when it is a GPU), workers, device.
+CROP_PLACES = ("auto", "workers", "device")
 SOURCES = ("digits", "fashion_mnist", "image_folder")
 
 
@@ -331,6 +333,7 @@ class PretrainConfig:
     seed: int = 0
     use_cache: bool = True
     stream_store: bool = False
+    crop_on: str = "auto"
     device_flip: bool = False
     accelerator: str = "auto"
     devices: str = "auto"
@@ -367,6 +370,17 @@ class PretrainConfig:
             f"must be one of {OPTIMIZERS}, got {self.optimizer!r}",
         )
         _check(self.num_workers >= 0, "pretrain.num_workers", "must be >= 0")
+        _check(
+            self.crop_on in CROP_PLACES,
+            "pretrain.crop_on",
+            f"must be one of {CROP_PLACES}, got {self.crop_on!r}",
+        )
+        _check(
+            self.crop_on != "device" or self.stream_store,
+            "pretrain.crop_on",
+            "device crops the image store's originals: it needs pretrain.stream_store=true "
+            "(the view cache and the in-memory arrays hold views or images of one size)",
+        )
         _check(self.num_nodes >= 1, "pretrain.num_nodes", f"must be at least 1, got {self.num_nodes}")
         _check(
             self.collective_timeout_s > 0,
@@ -416,6 +430,7 @@ class PretrainConfig:
             "checkpoint_dir",
             "checkpoint_every_n_steps",
             "accelerator",
+            "crop_on",
             "devices",
             "num_nodes",
             "strategy",

@@ -3,6 +3,7 @@
 - :mod:`imsvd.augment.recipe`: the per-view transform and seeded drawing of views.
 - :mod:`imsvd.augment.cache`: the view cache (build, verify, open).
 - :mod:`imsvd.augment.pairs`: the pair datasets pretraining reads.
+- :mod:`imsvd.augment.device`: both views of a batch drawn on the training device.
 
 Batch operations on the device (normalisation, the per-step flip) are in
 :mod:`imsvd.preprocess`, shared with evaluation.
@@ -21,6 +22,7 @@ from imsvd.augment.pairs import (
     OnTheFlyPairDataset,
     Pair,
     ShardPairs,
+    StoreImages,
     StorePairs,
     StreamedPairs,
     pair_dataset,
@@ -43,6 +45,7 @@ __all__ = [
     "Pair",
     "ShardPairs",
     "ShardedViews",
+    "StoreImages",
     "StorePairs",
     "StreamedPairs",
     "ViewCache",

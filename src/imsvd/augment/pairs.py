@@ -5,6 +5,7 @@
 :class:`OnTheFlyPairDataset` draws both with the recipe (the reference's way);
 :class:`StorePairs` draws both from the image store's images at their own size. All draw
 from ``(seed, epoch, index)`` only, so any DataLoader worker yields the same pairs.
+:class:`StoreImages` yields the store's images alone, for views drawn on the device.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from litdata import StreamingDataset
 from torch.utils.data import Dataset, get_worker_info
 
 from imsvd.augment.cache import ShardedViews, open_view_cache
+from imsvd.augment.device import ragged_collate
 from imsvd.augment.recipe import draw_seed, image_tensor, view_transform
 from imsvd.config import AugmentConfig
 from imsvd.data import Images
@@ -191,6 +193,28 @@ class StorePairs(StreamedPairs):
         with scope:
             torch.manual_seed(draw_seed(self.pair_seed, self.current_epoch, position))
             return self.draw_view(image), self.draw_view(image)
+
+
+class StoreImages(StreamedPairs):
+    """The store's images decoded at their own size, for views drawn on the device.
+
+    The workers decode; :class:`imsvd.augment.device.DeviceViews` crops and colours both
+    views of a whole batch on the training device (``pretrain.crop_on: device``). Items
+    are single uint8 ``(C, H, W)`` tensors of different sizes, batched by
+    :func:`imsvd.augment.device.ragged_collate`.
+
+    Args:
+        directory: a split's litdata folder (:func:`imsvd.store.split_directory`).
+        seed: seeds the shuffle.
+    """
+
+    collate = staticmethod(ragged_collate)
+
+    def __init__(self, directory: Path, seed: int) -> None:
+        super().__init__(directory, seed, (directory, seed))
+
+    def pair(self, item: dict[str, Any], position: int) -> torch.Tensor:  # type: ignore[override]
+        return image_tensor(decode_stored(item["image"]))
 
 
 class ShardPairs(StreamedPairs):

@@ -6,7 +6,7 @@
 - :mod:`imsvd.training.loop`: :func:`pretrain`, the loop in named steps.
 """
 
-from imsvd.training.loop import MonitorData, PretrainResult, pretrain, resolve_precision
+from imsvd.training.loop import MonitorData, PretrainResult, crops_on_device, pretrain, resolve_precision
 from imsvd.training.module import PretrainModule
 from imsvd.training.resume import BEST, INTERRUPTED, LAST, RunIdentity, resume_checkpoint
 
@@ -18,6 +18,7 @@ __all__ = [
     "PretrainModule",
     "PretrainResult",
     "RunIdentity",
+    "crops_on_device",
     "pretrain",
     "resolve_precision",
     "resume_checkpoint",

@@ -27,6 +27,7 @@ from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset
 
 from imsvd.augment import StreamedPairs
+from imsvd.augment.device import DeviceViews
 from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
 from imsvd.data import Images
@@ -66,14 +67,29 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def on_gpu(cfg: PretrainConfig) -> bool:
+    """Whether the trainer will run on a GPU (``pretrain.accelerator`` auto, gpu or cuda,
+    and one present)."""
+    return cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def crops_on_device(cfg: PretrainConfig) -> bool:
+    """Whether the image store's views are drawn on the training device rather than in the
+    DataLoader workers: ``pretrain.crop_on: device``, or ``auto`` on a GPU. On a CPU the
+    workers draw them (``auto``): they run beside the step, where on the device the views
+    would take the step's own cores."""
+    if not cfg.stream_store:
+        return False
+    return cfg.crop_on == "device" or (cfg.crop_on == "auto" and on_gpu(cfg))
+
+
 def resolve_precision(cfg: PretrainConfig) -> str:
     """``auto``: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs; on a CPU,
     bf16-mixed where it has native bf16 arithmetic, else 32-true. The losses upcast to
     float32 whatever the precision."""
     if cfg.precision != "auto":
         return cfg.precision
-    on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if not on_gpu:
+    if not on_gpu(cfg):
         return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
@@ -215,6 +231,7 @@ class StoreLoader(L.LightningDataModule):
         return StreamingDataLoader(
             dataset,
             batch_size=self.batch_size,
+            collate_fn=getattr(dataset, "collate", None),  # StoreImages: images of many sizes
             num_workers=self.num_workers,
             # As for the arrays: fewer images than a batch still make one (smaller) batch.
             drop_last=len(dataset) >= self.batch_size,
@@ -367,6 +384,7 @@ def pretrain(
     identity: RunIdentity,
     logger: Logger | bool = False,
     monitor_data: MonitorData | None = None,
+    device_views: DeviceViews | None = None,
 ) -> PretrainResult:
     """Train an encoder with ``cfg.method`` on pairs of uint8 views.
 
@@ -380,6 +398,8 @@ def pretrain(
         logger: a Lightning logger (MLflow) or ``False``.
         monitor_data: labelled training images for the online kNN monitor (``None``, or
             ``pretrain.monitor.every_n_steps: 0``, runs without it).
+        device_views: draws the views on the device, when ``train_dataset`` yields the
+            store's images (:class:`imsvd.augment.StoreImages`) rather than pairs.
     """
     check_mid_epoch_resume(train_dataset, cfg)  # before anything is written
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -393,7 +413,7 @@ def pretrain(
 
     loader = make_loader(train_dataset, cfg)
     steps = steps_per_epoch(train_dataset, cfg)
-    module = PretrainModule(cfg, in_channels, mean, std, steps, identity)
+    module = PretrainModule(cfg, in_channels, mean, std, steps, identity, device_views)
     history = History()
     monitor = None
     if monitor_data is not None and cfg.monitor.every_n_steps > 0:

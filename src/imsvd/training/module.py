@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from imsvd.augment.device import DeviceViews
+from imsvd.augment.recipe import draw_seed
 from imsvd.config import PretrainConfig
 from imsvd.errors import TrainingError
 from imsvd.losses import loss_for_method
@@ -32,10 +34,13 @@ class PretrainModule(L.LightningModule):
         mean, std: per-channel normalisation in [0, 1] units.
         steps_per_epoch: optimiser steps per epoch (for the lr schedule).
         identity: parameters/data identity stored in every checkpoint.
+        device_views: draws both views of each batch on the device, from the image store's
+            decoded originals (``pretrain.crop_on``); ``None``: batches are pairs of views.
     """
 
     mean: Tensor
     std: Tensor
+    device_views: DeviceViews | None
 
     def __init__(
         self,
@@ -45,8 +50,12 @@ class PretrainModule(L.LightningModule):
         std: Sequence[float],
         steps_per_epoch: int,
         identity: RunIdentity,
+        device_views: DeviceViews | None = None,
     ) -> None:
         super().__init__()
+        # Not a registered submodule: it holds no weights, and a checkpoint must resume
+        # whether its run drew the views in the workers or on the device.
+        self.__dict__["device_views"] = device_views
         self.cfg = cfg
         self.identity = identity
         self.steps_per_epoch = steps_per_epoch
@@ -61,7 +70,12 @@ class PretrainModule(L.LightningModule):
         self._flip_generator: torch.Generator | None = None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        x1, x2 = batch
+        if self.device_views is not None:
+            flat, shapes = batch
+            seed = draw_seed(self.cfg.seed, self.current_epoch, self.global_step, self.global_rank)
+            x1, x2 = self.device_views(flat, shapes, seed)
+        else:
+            x1, x2 = batch
         if self.cfg.device_flip:
             if self._flip_generator is None or self._flip_generator.device != x1.device:
                 self._flip_generator = torch.Generator(device=x1.device)
