@@ -311,3 +311,41 @@ def test_reading_memory_mapped_features_holds_one_chunk_not_the_file(tmp_path):
         before = _resident_file_mib()
         run()
         assert _resident_file_mib() - before < 32, f"{name} left the map's pages resident"
+
+
+def _anonymous_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_the_code_knn_holds_blocks_capped_in_bytes_not_its_training_set():
+    """65,536 training codes of 64 blocks of 16 bins (an evaluation of 80,000 photos): one
+    one-hot block of them all was 268 MB (537 MB first, as F.one_hot's int64), and its
+    similarities to 1,024 test rows 268 MB more. The blocks are capped in bytes as the
+    feature kNN's are (the values: test_metrics)."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(9)
+    train = rng.integers(0, 16, (65_536, 64)).astype(np.uint8)
+    labels = rng.integers(0, 10, 65_536)
+    test = rng.integers(0, 16, (1_024, 64)).astype(np.uint8)
+    peak, done = [_anonymous_mib()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(_anonymous_mib())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    before = peak[0]
+    sampler.start()
+    try:
+        scores = ev.code_knn_scores(train, labels, test, 16, k=20)
+    finally:
+        done.set()
+        sampler.join()
+    assert max(peak) - before < 200, f"{max(peak) - before:.0f} MiB for the code kNN"
+    assert scores.shape == (1_024, 10) and (scores > 0).any(1).all()  # every test row got votes
