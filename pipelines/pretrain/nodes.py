@@ -53,13 +53,13 @@ def pretrain_encoder(
     use_cache = cfg.use_cache and view_cache_manifest is not None
     dataset: Dataset[Pair] | StoreImages
     device_views = None
-    if crops_on_device(cfg):
+    if cfg.stream_store:
         directory = split_directory(image_store, TRAIN, fingerprint)
-        dataset, source = StoreImages(directory, cfg.seed), "image store, views drawn on the device"
-        device_views = DeviceViews(augment, train.shape[-1])
-    elif cfg.stream_store:
-        directory = split_directory(image_store, TRAIN, fingerprint)
-        dataset, source = StorePairs(directory, augment, train.shape[-1], cfg.seed), "image store"
+        if crops_on_device(cfg):
+            dataset, source = StoreImages(directory, cfg.seed), "image store, views drawn on the device"
+            device_views = DeviceViews(augment, train.shape[-1])
+        else:
+            dataset, source = StorePairs(directory, augment, train.shape[-1], cfg.seed), "image store"
     else:
         dataset, source = pair_dataset(train, fingerprint, augment, use_cache=use_cache, seed=cfg.seed)
     mean, std = channel_stats(train)

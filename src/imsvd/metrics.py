@@ -136,6 +136,20 @@ TRAIN_CHUNK_BYTES = 64 * 2**20
 SIMILARITY_BYTES = 64 * 2**20
 
 
+def _capped_train_rows(rows: int, row_bytes: int, chunk_size: int, n_test: int, itemsize: int) -> int:
+    """Training rows per kNN block: at most ``rows``, a block of at most
+    :data:`TRAIN_CHUNK_BYTES` (``row_bytes`` a row) and similarities to a chunk of test
+    rows of at most :data:`SIMILARITY_BYTES` (``itemsize`` a value)."""
+    return max(
+        1,
+        min(
+            rows,
+            TRAIN_CHUNK_BYTES // max(1, row_bytes),
+            SIMILARITY_BYTES // (min(chunk_size, max(1, n_test)) * itemsize),
+        ),
+    )
+
+
 def knn_scores(
     train_features: ArrayLike,
     train_labels: ArrayLike,
@@ -217,14 +231,7 @@ def knn_scores_many(
     # Wide features (raw pixels: 12,288 values per 64 x 64 RGB image) would make one chunk of
     # 65,536 rows several GiB: the chunk is also capped in bytes.
     itemsize = torch.finfo(dtype).bits // 8
-    train_chunk_size = max(
-        1,
-        min(
-            train_chunk_size,
-            TRAIN_CHUNK_BYTES // max(1, width * itemsize),
-            SIMILARITY_BYTES // (min(chunk_size, max(1, n_test)) * itemsize),
-        ),
-    )
+    train_chunk_size = _capped_train_rows(train_chunk_size, width * itemsize, chunk_size, n_test, itemsize)
 
     def train_block(start: int) -> torch.Tensor:
         rows = _chunk(train_features, slice(start, start + train_chunk_size), "train_features")
@@ -876,14 +883,8 @@ def code_knn_scores(
     offsets = torch.arange(blocks) * bin_size
     # Blocks capped in bytes as knn_scores' are: 65,536 one-hot rows of 64 blocks of 16 bins
     # were 268 MB, and as many similarities to 1,024 test rows 268 MB more.
-    width = blocks * bin_size * 4
-    train_chunk_size = max(
-        1,
-        min(
-            train_chunk_size,
-            TRAIN_CHUNK_BYTES // max(1, width),
-            SIMILARITY_BYTES // (min(chunk_size, max(1, test.shape[0])) * 4),
-        ),
+    train_chunk_size = _capped_train_rows(
+        train_chunk_size, blocks * bin_size * 4, chunk_size, test.shape[0], 4
     )
 
     def one_hot(codes: torch.Tensor) -> torch.Tensor:
