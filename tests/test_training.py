@@ -4,6 +4,8 @@ a non-finite loss stops the run, and untrusted checkpoints are refused."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import logging
 import math
 import os
@@ -26,6 +28,7 @@ from imsvd.errors import ConfigError, TrainingError, UntrustedFileError
 from imsvd.optim import LARS, warmup_cosine
 from imsvd.preprocess import channel_stats
 from imsvd.training import LAST, RunIdentity, pretrain
+from imsvd.training.loop import StoreLoader, make_loader
 
 STEPS_PER_EPOCH = 4  # 256 images, batch 64
 
@@ -385,11 +388,37 @@ def test_training_streams_a_sharded_view_cache(digits, tmp_path):
         # 5 epochs: at 3 the fall was 0.04-0.10 depending on the torch build's rounding.
         cfg = tiny(tmp_path / name, epochs=5, num_workers=workers, resume=False)
         histories[name] = run(dataset, digits, cfg).history
+        assert gc.get_freeze_count() == 0  # the parent's objects are back with its collector
     for history in histories.values():
         assert history["step"].tolist() == list(range(1, 5 * STEPS_PER_EPOCH + 1))
         assert np.isfinite(history["total"]).all()
     per_epoch = histories["shards"].groupby("epoch")["total"].mean()
     assert per_epoch.iloc[-1] < per_epoch.iloc[0] - 0.05
+
+
+def _note_frozen_objects(folder: Path, worker_id: int) -> None:
+    (folder / f"worker{worker_id}").write_text(str(gc.get_freeze_count()))
+
+
+@pytest.mark.parametrize("name, line", [("array", 2048.0), ("shards", 0.0)])
+def test_loader_workers_are_forked_with_the_parents_objects_frozen(digits, tmp_path, name, line):
+    """Both loaders (torch's for an in-memory cache, litdata's for shards) freeze the
+    training process's objects before they fork their workers, so a worker's collections
+    do not copy the pages those objects sit on."""
+    aug = AugmentConfig(size=8, views=4, cache_dir=str(tmp_path / "views"), max_array_mb=line)
+    assert build_view_cache(digits, "digits-fp", aug, progress=False).manifest["format"] == name
+    dataset, _ = pair_dataset(digits, "digits-fp", aug, use_cache=True, seed=0)
+    loader = make_loader(dataset, tiny(tmp_path, num_workers=1))
+    if isinstance(loader, StoreLoader):
+        loader = loader.train_dataloader()
+    loader.worker_init_fn = functools.partial(_note_frozen_objects, tmp_path)
+    tables = [{"path": f"file-{i}"} for i in range(50_000)]  # like a store's per-file records
+    assert gc.get_freeze_count() == 0
+    try:
+        next(iter(loader))
+    finally:
+        gc.unfreeze()
+    assert int((tmp_path / "worker0").read_text()) > len(tables)
 
 
 def test_mid_epoch_checkpoints_are_refused_for_array_views(pairs, digits, tmp_path):

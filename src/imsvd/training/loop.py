@@ -6,6 +6,7 @@ callbacks, trainer, fit, history. CPU, one GPU, or several devices with DDP.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -31,6 +32,7 @@ from imsvd.augment.device import DeviceViews
 from imsvd.checkpoints import load_weights
 from imsvd.config import PretrainConfig
 from imsvd.data import Images
+from imsvd.decoding import frozen_heap
 from imsvd.distributed import SharedShuffle, SyncBatchNormPlugin, is_writer, launched
 from imsvd.errors import ConfigError, TrainingError
 from imsvd.training.callbacks import (
@@ -192,7 +194,7 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoad
     if isinstance(dataset, StreamedPairs):
         return StoreLoader(dataset, cfg.batch_size // world, cfg.num_workers)
     size = len(dataset)  # type: ignore[arg-type]
-    return DataLoader(
+    return FrozenForkLoader(
         dataset,
         batch_size=cfg.batch_size // world,
         sampler=SharedShuffle(size, cfg.batch_size, cfg.seed),
@@ -202,6 +204,38 @@ def make_loader(dataset: Dataset, cfg: PretrainConfig) -> DataLoader | StoreLoad
         worker_init_fn=ignore_interrupts if cfg.num_workers else None,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class FrozenForkMixin:
+    """Fork a loader's workers with the parent's objects kept from its collector.
+
+    A forked DataLoader worker shares the training process's memory until either writes
+    to a page, and a collection writes to the header of every container object it visits.
+    Pretraining on 200,000 photos, the two workers held about 245 MiB each of private
+    pages, against about 45 at 20,000, most of them copies of the main process's heap.
+    :func:`gc.freeze` before the fork keeps the workers' collections off the inherited
+    objects. The main process must not collect them either while the workers live: its
+    own collection would copy the same pages from its side (at the epoch's end the run
+    grew by 130 MiB that way). So the objects stay frozen until :func:`fit` returns, which
+    runs the trainer inside :func:`imsvd.decoding.frozen_heap`; a loader used elsewhere
+    leaves them frozen (they are still freed by reference counting, only cycles wait).
+
+    ``_get_iterator`` is where ``DataLoader`` builds the iterator that forks its workers
+    (every epoch, as they are not persistent); torch has no public hook around that fork.
+    """
+
+    def _get_iterator(self) -> Any:
+        if getattr(self, "num_workers", 0):
+            gc.freeze()  # also the objects made since the last epoch's fork
+        return super()._get_iterator()  # type: ignore[misc]
+
+
+class FrozenForkLoader(FrozenForkMixin, DataLoader):  # type: ignore[type-arg]
+    """torch's ``DataLoader``, its workers forked as :class:`FrozenForkMixin` says."""
+
+
+class FrozenForkStreamingLoader(FrozenForkMixin, StreamingDataLoader):
+    """litdata's ``StreamingDataLoader``, its workers forked as :class:`FrozenForkMixin` says."""
 
 
 class StoreLoader(L.LightningDataModule):
@@ -226,9 +260,9 @@ class StoreLoader(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
 
-    def train_dataloader(self) -> StreamingDataLoader:
+    def train_dataloader(self) -> FrozenForkStreamingLoader:
         dataset = self.dataset.fresh()
-        return StreamingDataLoader(
+        return FrozenForkStreamingLoader(
             dataset,
             batch_size=self.batch_size,
             collate_fn=getattr(dataset, "collate", None),  # StoreImages: images of many sizes
@@ -352,7 +386,8 @@ def fit(
             # The image store comes as a LightningDataModule; the module's own batch hook
             # (normalisation on the device) is the one meant to run.
             warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`")
-            trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
+            with frozen_heap():  # while the loader's workers live (FrozenForkMixin)
+                trainer.fit(module, loader, ckpt_path=resume, weights_only=True)
     except SystemExit as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, SIGTERMException) else "interrupted (Ctrl-C)"
         folder = Path(module.cfg.checkpoint_dir)
