@@ -10,8 +10,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -20,7 +22,7 @@ from conftest import TINY_STEPS_PER_EPOCH, copy_project, kedro, tiny_params, tin
 from imsvd.augment import StorePairs
 from imsvd.checkpoints import load_weights
 from imsvd.config import AugmentConfig, DataConfig
-from imsvd.data import ImageData
+from imsvd.data import ImageData, pixel_sha256
 from imsvd.errors import DataError
 from imsvd.sources import load_source, to_canonical_array
 from imsvd.store import decode_stored, read_split, split_directory, write_image_store
@@ -84,9 +86,15 @@ def test_channel_stats_of_a_large_store_come_from_evenly_spaced_rows(tmp_path):
     assert channel_stats(train, sample=20) == channel_stats(train)  # in memory: exact
 
 
-def test_a_folder_store_keeps_jpeg_and_png_bytes_and_converts_the_rest_at_their_own_size(tmp_path):
+@pytest.mark.parametrize("cwd", ["elsewhere", "the folder"])
+def test_a_folder_store_keeps_jpeg_and_png_bytes_and_converts_the_rest_at_their_own_size(
+    tmp_path, monkeypatch, cwd
+):
     rng = np.random.default_rng(1)
     root = tmp_path / "photos"
+    if cwd == "the folder":  # data.path=".": every id is also a path that exists from here
+        root.mkdir()
+        monkeypatch.chdir(root)
     files = {
         "train/cat/a.jpg": ((30, 20), None, True),
         "train/cat/b.png": ((12, 9), None, True),
@@ -117,6 +125,16 @@ def test_a_folder_store_keeps_jpeg_and_png_bytes_and_converts_the_rest_at_their_
             np.testing.assert_array_equal(decoded, np.asarray(Image.open(root / name).convert("RGB")))
         else:
             np.testing.assert_array_equal(decoded, expected)
+
+
+def test_writing_a_folder_of_many_sizes_does_not_log_litdatas_chunk_estimates(tmp_path):
+    root = mixed_folder(tmp_path / "photos")
+    source = load_source(DataConfig(source="image_folder", path=str(root)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        index = write_image_store(source.data, tmp_path / "store", folder=root, chunk_bytes="8KB")
+    assert index["splits"]["train"]["chunks"] > 3
+    assert not [w for w in caught if "target chunk size" in str(w.message)]
 
 
 def test_a_file_changed_into_garbage_after_validation_is_named(tmp_path):
@@ -373,6 +391,16 @@ def test_a_folder_above_the_memory_limit_is_streamed_through_every_stage(tmp_pat
     a = (memory / "data/03_primary/manifest.csv").read_text()
     b = (streamed / "data/03_primary/manifest.csv").read_text()
     assert a == b
+    # Either way, a file's digest and mean are of its image at its own size: not resized.
+    manifest = pd.read_csv(memory / "data/03_primary/manifest.csv")
+    common = manifest.groupby(["height", "width"]).size().idxmax()
+    others = manifest[[(h, w) != common for h, w in zip(manifest["height"], manifest["width"], strict=True)]]
+    assert len(others) > 30
+    for row in others.itertuples():
+        with Image.open(root / row.id) as img:
+            own = to_canonical_array(img)
+        assert own.shape[:2] == (row.height, row.width)
+        assert row.sha256 == pixel_sha256(own) and row.mean_intensity == pytest.approx(own.mean(), abs=1e-9)
     index = json.loads((streamed / "data/03_primary/image_store.json").read_text())
     assert index["streamed"] is True and index["directory"] == "data/03_primary/image_store"
     in_memory = json.loads((memory / "data/03_primary/image_store.json").read_text())
@@ -561,3 +589,20 @@ def test_a_rerun_on_a_grown_folder_decodes_only_the_new_and_changed_files(tmp_pa
         a = read_split(project / "data/03_primary/image_store" / split)
         b = read_split(fresh / "data/03_primary/image_store" / split)
         assert [x["image"] for x in a] == [y["image"] for y in b] and len(a) == len(b)
+
+    # 30 files of 20 x 20 make that the common size: a file's record does not depend on it.
+    for i in range(30):
+        write_image(root / "train" / ("cat", "dog")[i % 2] / f"small{i}.png", picture(20, 20))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="imsvd.store"):
+        in_process(project, "validate", params)
+    assert "33 of 63 files unchanged since the last validation" in caplog.text
+    assert "; 30 decoded" in caplog.text
+    assert json.loads((project / "data/03_primary/image_store/store.json").read_text())["shape"][:2] == [
+        20,
+        20,
+    ]
+    again = copy_project(tmp_path / "again")
+    in_process(again, "validate", params)
+    for name in ("data/03_primary/manifest.csv", "data/03_primary/image_store/store.json"):
+        assert (project / name).read_text() == (again / name).read_text()

@@ -32,8 +32,15 @@ def pixel_sha256(image: np.ndarray) -> str:
         image: (H, W, C) uint8.
     """
     digest = hashlib.sha256(str(image.shape).encode())
-    digest.update(np.ascontiguousarray(image).tobytes())
+    digest.update(np.ascontiguousarray(image).data)  # the buffer itself: tobytes() would copy it
     return digest.hexdigest()
+
+
+def pixel_mean(image: np.ndarray) -> float:
+    """Mean pixel value of a uint8 image: exactly ``image.mean(dtype=np.float64)``, in half
+    the time. The integer sum is exact; so is NumPy's float64 sum of fewer than 2**45 bytes
+    (every partial sum is an integer below 2**53), and both are divided by the same count."""
+    return int(image.sum(dtype=np.uint64)) / image.size if image.size else float("nan")
 
 
 class LazyImages(abc.ABC):

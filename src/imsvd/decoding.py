@@ -7,8 +7,8 @@ row of one array allocated once. Before this, the decoded originals, their resiz
 the stacked array and the in-memory ``.npz`` were all held at once (four times the data).
 
 The array lives in anonymous shared memory created before the pool forks, so workers write
-their rows in place and send back only a status; nothing is pickled. Where ``fork`` is not
-available the decoding runs in this process.
+their rows in place and send back only a status and the image's digest and mean; no pixels
+are pickled. Where ``fork`` is not available the decoding runs in this process.
 
 A folder larger than ``data.max_in_memory_mb`` takes the other way, :func:`map_files`: the
 workers send back each file's result (the image store's bytes, :mod:`imsvd.store`) in order,
@@ -145,19 +145,20 @@ def _headers(paths: Sequence[str]) -> list[Header | str]:
     return out
 
 
-def _decode_rows(task: tuple[int, Sequence[str]]) -> list[str | None]:
-    """Decode ``task``'s files into their rows of the shared array; a reason per failure."""
+def _decode_rows(task: tuple[int, Sequence[str]]) -> list[tuple[str | None, Any]]:
+    """Decode ``task``'s files into their rows of the shared array: per file, the reason
+    it failed (or ``None``) and what ``decode`` said of it (or ``None``)."""
     start, paths = task
-    decode: Callable[[Path], np.ndarray] = _SHARED["decode"]
+    decode: Callable[[Path], tuple[np.ndarray, Any]] = _SHARED["decode"]
     out = _SHARED["out"]
-    reasons: list[str | None] = []
+    results: list[tuple[str | None, Any]] = []
     for offset, path in enumerate(paths):
         try:
-            out[start + offset] = decode(Path(path))
-            reasons.append(None)
+            out[start + offset], about = decode(Path(path))
+            results.append((None, about))
         except DataError as exc:
-            reasons.append(str(exc))
-    return reasons
+            results.append((str(exc), None))
+    return results
 
 
 def _tasks(paths: Sequence[str]) -> list[tuple[int, Sequence[str]]]:
@@ -219,16 +220,17 @@ def read_headers(paths: Sequence[str | Path], max_image_pixels: int, workers: in
 def decode_into(
     paths: Sequence[str | Path],
     shape: tuple[int, int, int],
-    decode: Callable[[Path], np.ndarray],
+    decode: Callable[[Path], tuple[np.ndarray, Any]],
     max_image_pixels: int,
     workers: int,
-) -> tuple[np.ndarray, list[str | None]]:
-    """Decode every file with ``decode`` (which returns its ``shape`` row) into one uint8
-    array of ``(len(paths), *shape)``.
+) -> tuple[np.ndarray, list[str | None], list[Any]]:
+    """Decode every file with ``decode`` into one uint8 array of ``(len(paths), *shape)``.
+    ``decode`` returns the file's ``shape`` row and a small value about the file (sent back
+    to this process: the validation's digest and mean).
 
     Returns:
-        The array (rows of failed files are left zero) and, per file, ``None`` or the
-        reason it failed.
+        The array (rows of failed files are left zero), per file ``None`` or the reason it
+        failed, and per file what ``decode`` said of it (``None`` where it failed).
     """
     n = len(paths)
     nbytes = max(1, n * math.prod(shape))
@@ -238,13 +240,16 @@ def decode_into(
     workers = workers if n >= MIN_PARALLEL_FILES else 1
     _SHARED.update(decode=decode, out=out)
     reasons: list[str | None] = []
+    about: list[Any] = []
     try:
         with _progress(n, "decoding") as bar:
             for result in _map(_decode_rows, _tasks(names), workers, max_image_pixels, bar):
-                reasons.extend(result)
+                for reason, said in result:
+                    reasons.append(reason)
+                    about.append(said)
     finally:
         _SHARED.clear()
-    return out, reasons
+    return out, reasons, about
 
 
 def _apply(paths: Sequence[str]) -> list[tuple[Any, str | None]]:

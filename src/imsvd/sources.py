@@ -21,6 +21,10 @@ Image folder decisions (the canonical form has one size and one channel count):
 * Every image is resized with Pillow (Lanczos, aspect ratio not kept) to the most common
   ``(height, width)`` of the folder (ties: the smallest). :class:`OriginalImage` keeps
   each file's size and mode so validation checks the originals' bounds.
+* Each image's digest and mean (the manifest's ``sha256`` and ``mean_intensity``) are of
+  the image as decoded and converted, at its own size: what the image store keeps. They
+  do not depend on the common size, so validating does not resize a file it streams into
+  the store, and a file's record stays valid when the folder's common size changes.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from sklearn.model_selection import train_test_split
 
 from imsvd import decoding
 from imsvd.config import DataConfig
-from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData, LazyImages, take
+from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData, LazyImages, pixel_mean, pixel_sha256, take
 from imsvd.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -83,11 +87,17 @@ class OriginalImage:
         height: original height in pixels.
         width: original width in pixels.
         mode: Pillow mode of the file (``"L"``, ``"RGBA"``, ``"I;16"`` ...).
+        sha256: :func:`imsvd.data.pixel_sha256` of the decoded, converted image at its own
+            size; ``""`` when not decoded yet (the manifest then takes the digest of the
+            image as held: a canonical source's row, or the store's record).
+        mean: its mean pixel value (``nan`` when not decoded yet).
     """
 
     height: int
     width: int
     mode: str
+    sha256: str = ""
+    mean: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -520,9 +530,10 @@ def to_canonical_array(img: Image.Image) -> np.ndarray:
         return (values >> 8).astype(np.uint8)[..., np.newaxis]
     if mode == "F":
         raise DataError("floating-point mode F is not supported")
+    # convert() to the mode an image already has copies it: the array is a copy anyway.
     if mode in _TO_L:
-        return np.asarray(img.convert("L"), dtype=np.uint8)[..., np.newaxis]
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.asarray(img if mode == "L" else img.convert("L"), dtype=np.uint8)[..., np.newaxis]
+    return np.asarray(img if mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(path: Path) -> tuple[np.ndarray, OriginalImage]:
@@ -545,12 +556,25 @@ def decode_image(path: Path) -> tuple[np.ndarray, OriginalImage]:
         return to_canonical_array(img), original
 
 
-def _decode_resized(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One file decoded, checked against its header's channels, resized to ``size``."""
+def _decode_checked(path: Path, channels: int) -> np.ndarray:
+    """One file decoded, checked against its header's channels."""
     array, _ = decode_image(path)
     if array.shape[2] != channels:  # pragma: no cover - the header's mode fixes the channels
         raise DataError(f"decoded to {array.shape[2]} channels, its header said {channels}")
-    return resize_array(array, size)
+    return array
+
+
+def _decode_resized(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One file decoded, checked against its header's channels, resized to ``size``."""
+    return resize_array(_decode_checked(path, channels), size)
+
+
+def _decode_described(
+    path: Path, size: tuple[int, int], channels: int
+) -> tuple[np.ndarray, tuple[str, float]]:
+    """One file resized to ``size``, with the digest and mean of the image at its own size."""
+    array = _decode_checked(path, channels)
+    return resize_array(array, size), (pixel_sha256(array), pixel_mean(array))
 
 
 def most_common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -647,7 +671,8 @@ def load_image_folder(
 
     Returns:
         Images resized to the most common size, train first; ids are paths relative to
-        ``root``; the originals keep each file's own size and mode.
+        ``root``; the originals keep each file's own size and mode, and (when decoded
+        here) the digest and mean of the image at that size.
 
     Raises:
         DataError: for structural problems (see :func:`list_image_files`), unreadable
@@ -703,17 +728,20 @@ def load_image_folder(
                 max_image_pixels,
             )
             return SourceImages(_folder_data(files, pending), tuple(o for _, o, _ in readable))
-        images, reasons = decoding.decode_into(
+        images, reasons, described = decoding.decode_into(
             [f.path for f, _, _ in readable],
             (size[0], size[1], channels),
-            functools.partial(_decode_resized, size=size, channels=channels),
+            functools.partial(_decode_described, size=size, channels=channels),
             max_image_pixels,
             workers,
         )
     failures += [f"{f.path}: {reason}" for (f, _, _), reason in zip(readable, reasons, strict=True) if reason]
     if failures:
         raise DataError(f"{len(failures)} unreadable image file(s) in {root}: {_name_files(failures)}")
-    originals = [o for _, o, _ in readable]
+    originals = [
+        OriginalImage(o.height, o.width, o.mode, digest, mean)
+        for (_, o, _), (digest, mean) in zip(readable, described, strict=True)
+    ]
     return SourceImages(_folder_data(files, images), tuple(originals))
 
 

@@ -16,7 +16,8 @@ Layout (``data/03_primary/image_store`` by default)::
       train/   index.json, chunk-0-0.bin, chunk-0-1.bin ...   (one litdata dataset)
       test/    index.json, chunk-0-0.bin ...
 
-Each item is ``{"id": str, "label": int, "image": bytes}``. The bytes are the file's own
+Each item is ``{"id": bytes, "label": int, "image": bytes}`` (the id's UTF-8: see
+:func:`store_item`). The image bytes are the file's own
 when it is a JPEG or PNG that needs no conversion (mode L or RGB); anything else (other
 formats, palette, alpha, 16-bit) is converted to the canonical 1- or 3-channel image and
 stored as lossless PNG at its own size. Array sources (the digits, Fashion-MNIST) are
@@ -26,13 +27,15 @@ chunks and the chunk of every image), which ``validate`` saves beside the manife
 Two ways in. Data that fits in memory (``data.max_in_memory_mb``) is validated as one
 array and written by :func:`write_image_store` once accepted. A folder larger than that is
 streamed (:func:`stream_into_store`): worker processes decode each file once, send back
-the bytes to store with the canonical image's digest and mean, and the store is written
+the bytes to store with the digest and mean of the image at its own size (nothing is
+resized: the digest is of what the store keeps), and the store is written
 into a staging folder as they come, which ``validate`` publishes once the suite passed.
 Every later stage then reads it as :class:`StoredImages`, row by row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -40,6 +43,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +56,7 @@ from litdata.streaming.writer import BinaryWriter
 from PIL import Image
 
 from imsvd import decoding
-from imsvd.data import TEST, TRAIN, ImageData, LazyImages, hash_lines, pixel_sha256, row_digests
+from imsvd.data import TEST, TRAIN, ImageData, LazyImages, hash_lines, pixel_mean, pixel_sha256, row_digests
 from imsvd.decoding import pillow_errors
 from imsvd.errors import DataError
 from imsvd.sources import (
@@ -67,7 +71,9 @@ from imsvd.validation import new_staging, publish, staged_folder
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+# 2: the digests and means in files.csv are of each image at its own size (1: resized to
+# the common size), so a record of version 1 is not reused.
+STORE_VERSION = 2
 # litdata's chunk size. Its writer (0.2.76) holds five to six times a chunk while it builds
 # one (the items, then the chunk's Arrow rows copied three times): writing 3,000 items of
 # 80 kB peaked at +334 MiB with 64 MB chunks, +105 with 16 MB, +66 with 8 MB and +47 with
@@ -112,6 +118,14 @@ def file_bytes(path: Path) -> tuple[bytes, str]:
     return png_bytes(array), "png"
 
 
+def store_item(image_id: Any, label: Any, image: bytes) -> dict[str, Any]:
+    """One item of the store. The id goes in as its UTF-8 bytes: litdata (0.2.76) takes a
+    string that names an existing file for that file and stores its bytes, and a folder's
+    ids are paths relative to the folder, which exist relative to the working directory
+    whenever ``data.path`` is ``.`` (tested)."""
+    return {"id": str(image_id).encode(), "label": int(label), "image": image}
+
+
 def decode_stored(raw: bytes) -> np.ndarray:
     """A stored image back to its (H, W, C) uint8 array."""
     with Image.open(io.BytesIO(raw)) as img:
@@ -135,15 +149,29 @@ def _split_summary(directory: Path, count: int) -> tuple[list[str], dict[str, An
     return shards, summary
 
 
+@contextlib.contextmanager
+def quiet_chunk_estimates() -> Iterator[None]:
+    """Silence litdata's (0.2.76) warning that a chunk came out more than 10 % above
+    ``chunk_bytes``. After the first chunk its writer counts every item at the mean size of
+    the items of the chunk it wrote last, so with files of many sizes (JPEGs of a few kB
+    next to PNGs of 700 kB) chunks overshoot: at 20,000 photos it warned 31 times, each a
+    log record of eight lines, about chunks of 4.5 to 16 MB, which are harmless. Other
+    warnings still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="An item was larger than the target chunk size")
+        yield
+
+
 def _write_split(
     directory: Path, items: Iterator[dict[str, Any]], chunk_bytes: str
 ) -> tuple[list[str], dict[str, Any]]:
     """Write one split as a litdata dataset; return each item's chunk and the split's summary."""
     writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes)
     count = 0
-    for count, item in enumerate(items, start=1):
-        writer[count - 1] = item
-    writer.done()
+    with quiet_chunk_estimates():
+        for count, item in enumerate(items, start=1):
+            writer[count - 1] = item
+        writer.done()
     writer.merge()
     return _split_summary(directory, count)
 
@@ -182,7 +210,7 @@ def write_image_store(
             else:
                 raw, how = file_bytes(folder / str(data.ids[i]))
             converted[how] += 1
-            yield {"id": str(data.ids[i]), "label": int(data.labels[i]), "image": raw}
+            yield store_item(data.ids[i], data.labels[i], raw)
 
     with staged_folder(target) as staging:
         for split in (TRAIN, TEST):
@@ -259,9 +287,9 @@ def split_directory(index: dict[str, Any] | None, split: str, fingerprint: str) 
 
 
 def read_split(directory: Path) -> list[dict[str, Any]]:
-    """Every item of a split in stored order (for tests and small checks)."""
+    """Every item of a split in stored order (for tests and small checks), ids as text."""
     dataset = StreamingDataset(str(directory), shuffle=False)
-    return [dataset[i] for i in range(len(dataset))]
+    return [{**(item := dataset[i]), "id": bytes(item["id"]).decode()} for i in range(len(dataset))]
 
 
 def _rows_digest(digests: Any) -> str:
@@ -314,15 +342,15 @@ class StoredImages(LazyImages):
     Row ``i`` is item ``position[i]`` of the store's ``split[i]`` folder, decoded and resized
     (Lanczos) to the validation's common size exactly as an in-memory folder is, so the
     pixels are the same either way. Each row's digest and mean come from validation's
-    record. Each process opens its own litdata datasets (DataLoader workers, DDP ranks).
+    record, and are of the image at its own size, as the manifest's. Each process opens its own litdata datasets (DataLoader workers, DDP ranks).
 
     Args:
         directory: the store (``data.store_dir``, or the staging folder while validating).
         split: the store folder of each row (``"train"`` / ``"test"``).
         position: each row's index in that folder.
         shape: (N, H, W, C), the common size.
-        digests: each row's :func:`imsvd.data.pixel_sha256`.
-        means: each row's mean pixel value.
+        digests: each row's :func:`imsvd.data.pixel_sha256`, of the image at its own size.
+        means: each row's mean pixel value, at its own size.
         index: the store's summary (counts, bytes, chunks, each row's chunk), set by
             :func:`stream_into_store`; empty when loaded back.
     """
@@ -426,8 +454,9 @@ class StoredImages(LazyImages):
 
 @dataclass(frozen=True)
 class EncodedFile:
-    """What a worker sends back for one file: the bytes to store, the canonical image's
-    digest and mean, the file's own hash, and whether the last store's record was reused."""
+    """What a worker sends back for one file: the bytes to store, the digest and mean of the
+    decoded image at its own size, the file's own hash, and whether the last store's record
+    was reused."""
 
     payload: bytes
     kept: bool
@@ -466,9 +495,10 @@ class Unchanged:
         return EncodedFile(payload, kept, digest, mean, file_sha256, reused=True)
 
 
-def last_record(target: Path, shape: tuple[int, int, int, int]) -> Unchanged | None:
-    """The record of the streamed store at ``target`` when its images were read at the
-    same common size and channels (the digests depend on it), else ``None``."""
+def last_record(target: Path) -> Unchanged | None:
+    """The record of the streamed store at ``target``, else ``None``. A file's record does
+    not depend on the rest of the folder (its digest is of the file's own pixels), so it
+    stays valid when the common size changes."""
     try:
         stamp = json.loads((target / STAMP).read_text())
         table = pd.read_csv(
@@ -478,23 +508,14 @@ def last_record(target: Path, shape: tuple[int, int, int, int]) -> Unchanged | N
         return None
     if stamp.get("version") != STORE_VERSION or list(table.columns) != list(FILE_COLUMNS):
         return None
-    if stamp.get("shape") != list(shape[1:]):
-        logger.info(
-            "the common image size changed since the last validation (%s, now %s): every file is decoded again",
-            stamp.get("shape"),
-            list(shape[1:]),
-        )
-        return None
     rows = zip(*(table[c].tolist() for c in FILE_COLUMNS), strict=True)
     return Unchanged(target, {r[0]: (r[1], r[2], float(r[3]), bool(r[4]), r[5], int(r[6])) for r in rows})
 
 
-def encode_file(
-    path: Path, size: tuple[int, int], channels: int, unchanged: Unchanged | None = None
-) -> EncodedFile:
+def encode_file(path: Path, channels: int, unchanged: Unchanged | None = None) -> EncodedFile:
     """Read and decode one file once: the bytes to store (its own, or lossless PNG of the
-    canonical image at its own size) and the digest and mean of the canonical image at
-    the common ``size``, as the in-memory path computes them.
+    canonical image at its own size) and the digest and mean of that image, as the
+    in-memory path computes them. Nothing is resized: the decoding is the work.
 
     When the last streamed store holds this path with the same content (SHA-256 of the
     file's bytes), nothing is decoded: its digest and mean are the record's, and its bytes
@@ -517,11 +538,8 @@ def encode_file(
         array = to_canonical_array(img)
     if array.shape[2] != channels:  # pragma: no cover - the header's mode fixes the channels
         raise DataError(f"decoded to {array.shape[2]} channels, its header said {channels}")
-    canonical = resize_array(array, size)
     payload = raw if kept else png_bytes(array)
-    return EncodedFile(
-        payload, kept, pixel_sha256(canonical), float(canonical.mean(dtype=np.float64)), file_sha
-    )
+    return EncodedFile(payload, kept, pixel_sha256(array), pixel_mean(array), file_sha)
 
 
 def _write_table(path: Path, columns: dict[str, np.ndarray], rows: int = 20_000) -> None:
@@ -560,7 +578,7 @@ def stream_into_store(
     pending = data.images
     if not isinstance(pending, PendingImages):
         raise DataError(f"stream_into_store needs PendingImages, got {type(pending).__name__}")
-    _, height, width, channels = pending.shape
+    channels = pending.shape[3]
     n = len(pending)
     staging = new_staging(target)
     try:
@@ -574,9 +592,9 @@ def stream_into_store(
         kept = np.zeros(n, dtype=bool)
         file_sha = np.zeros(n, dtype=DIGEST_DTYPE)
         failures: list[str] = []
-        unchanged = last_record(target, pending.shape)
-        encode = functools.partial(encode_file, size=(height, width), channels=channels, unchanged=unchanged)
-        with bomb_limit(pending.max_image_pixels):
+        unchanged = last_record(target)
+        encode = functools.partial(encode_file, channels=channels, unchanged=unchanged)
+        with bomb_limit(pending.max_image_pixels), quiet_chunk_estimates():
             results = decoding.map_files(
                 encode,
                 pending.paths.tolist(),  # strings: a Path object per file costs hundreds of bytes
@@ -593,11 +611,7 @@ def stream_into_store(
                 if split not in writers:
                     writers[split] = BinaryWriter(str(staging / split), chunk_bytes=chunk_bytes)
                 position[i] = counts[split]
-                writers[split][counts[split]] = {
-                    "id": str(data.ids[i]),
-                    "label": int(data.labels[i]),
-                    "image": encoded.payload,
-                }
+                writers[split][counts[split]] = store_item(data.ids[i], data.labels[i], encoded.payload)
                 counts[split] += 1
                 digests[i], means[i], file_sha[i] = encoded.digest, encoded.mean, encoded.file_sha256
                 kept[i] = encoded.kept
@@ -607,7 +621,8 @@ def stream_into_store(
         shard_of = np.empty(n, dtype=object)
         splits: dict[str, Any] = {}
         for split, writer in writers.items():
-            writer.done()
+            with quiet_chunk_estimates():
+                writer.done()
             writer.merge()
             shards, splits[split] = _split_summary(staging / split, counts[split])
             rows = np.flatnonzero(data.splits == split)

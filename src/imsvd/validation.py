@@ -3,7 +3,8 @@
 The manifest has one row per image (:data:`MANIFEST_COLUMNS`); ``height``, ``width`` and
 ``mode`` describe the original file, ``channels`` the canonical image (after
 conversion to ``L``/``RGB``, so an RGBA file has mode ``RGBA`` and 3 channels),
-``sha256`` and ``mean_intensity`` its canonical pixels.
+``sha256`` and ``mean_intensity`` its pixels after conversion, at the file's own size (for a
+folder: what the image store keeps, before any resize to the common size).
 
 Four tables are validated, each against its own suite in one ephemeral GX context:
 ``manifest`` (all rows), ``train`` and ``test`` (the rows of each split) and
@@ -55,8 +56,10 @@ def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = 
 
     Args:
         data: the canonical images (N, H, W, C).
-        originals: each image's original size and mode, in ``data`` order; ``None``
-            when the images are stored as they came (digits, Fashion-MNIST).
+        originals: each image's original size and mode, in ``data`` order, and its digest
+            and mean when it was decoded at its own size; ``None`` when the images are
+            stored as they came (digits, Fashion-MNIST). Without a digest, the digest and
+            mean are the store's record (streamed images) or those of ``data``'s rows.
 
     Returns:
         A DataFrame with :data:`MANIFEST_COLUMNS`.
@@ -68,9 +71,14 @@ def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = 
     if len(originals) != len(data.images):
         raise DataError(f"{len(originals)} original descriptions for {len(data.images)} images")
     images = data.images
-    if isinstance(images, LazyImages):  # the store's record: its pixels are not read again
-        means = images.row_means()
+    digests: Sequence[str]
+    if originals and all(o.sha256 for o in originals):  # decoded at their own size
+        digests = [o.sha256 for o in originals]
+        means = np.asarray([o.mean for o in originals], dtype=np.float64)
+    elif isinstance(images, LazyImages):  # the store's record: its pixels are not read again
+        digests, means = images.row_digests(), images.row_means()
     else:
+        digests = row_digests(images)
         means = images.reshape(len(images), -1).mean(axis=1, dtype=np.float64)
     return pd.DataFrame(
         {
@@ -81,7 +89,7 @@ def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = 
             "width": np.asarray([o.width for o in originals], dtype=np.int64),
             "channels": np.full(len(images), images.shape[3], dtype=np.int64),
             "mode": [o.mode for o in originals],
-            "sha256": row_digests(images),
+            "sha256": digests,
             "mean_intensity": means,
         },
         columns=list(MANIFEST_COLUMNS),
