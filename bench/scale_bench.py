@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -96,12 +97,24 @@ def decode_rate(root: Path, sample: int = 300) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def measure_stage(command: list[str], cwd: Path, env: dict[str, str]) -> dict[str, float]:
-    """:func:`compare_methods.measure`, stopping the bench when the stage fails."""
+def measure_stage(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[dict[str, float], str]:
+    """:func:`compare_methods.measure`, stopping the bench when the stage fails; the
+    figures and the stage's output."""
     figures, code, output = measure(command, cwd, env)
     if code != 0:
         raise SystemExit(f"{' '.join(command[-3:])} failed in {cwd}:\n{output[-3000:]}")
-    return figures
+    return figures, output
+
+
+def bar_rate(output: str, desc: str) -> float | None:
+    """Items per second of the last finished tqdm bar ``desc`` in ``output``: its count over
+    its elapsed time (the rate tqdm prints is smoothed)."""
+    done = re.findall(rf"{re.escape(desc)}: 100%\|[^|]*\| (\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)", output)
+    if not done:
+        return None
+    count, hours, minutes, seconds = done[-1]
+    elapsed = int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds)
+    return int(count) / elapsed if elapsed else None
 
 
 def main() -> int:
@@ -185,7 +198,7 @@ def main() -> int:
             )
             for stage in args.stages:
                 command = [sys.executable, "-m", "kedro", "run", f"--pipeline={stage}", "--params", params]
-                result = measure_stage(command, project, env)
+                result, output = measure_stage(command, project, env)
                 count = args.steps * 256 if stage == "pretrain" else n
                 rows.append((n, stage, result, count))
                 print(
@@ -194,6 +207,13 @@ def main() -> int:
                     f"({result['processes']:.0f} processes)",
                     flush=True,
                 )
+                streamed = bar_rate(output, "decoding into the store") if stage == "validate" else None
+                if streamed:
+                    print(
+                        f"            the files streamed into the store at {streamed:.0f} files/s: "
+                        f"{streamed / (rate * cores):.2f} of the cores' decode rate ({rate * cores:.0f}/s)",
+                        flush=True,
+                    )
     print(
         f"\ncommit {commit}, {cores} cores; data.max_in_memory_mb={args.max_in_memory_mb:g}, "
         f"augment.max_array_mb={args.max_array_mb:g}; "
