@@ -88,8 +88,12 @@ def make_folder(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def decode_rate(root: Path, sample: int = 300) -> float:
-    """Files per second one process fully decodes, on a sample of the folder."""
+    """Files per second one process fully decodes, on a sample of the folder read once
+    before the clock starts: the CPU's rate, not the disk's (a cold 200,000-file folder
+    measured 187 files/s a process, against 664 warm)."""
     files = sorted(root.rglob("*.jpg"))[: sample // 2] + sorted(root.rglob("*.png"))[: sample // 2]
+    for path in files:
+        path.read_bytes()
     start = time.perf_counter()
     for path in files:
         with Image.open(path) as img:
