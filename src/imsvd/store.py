@@ -16,8 +16,8 @@ Layout (``data/03_primary/image_store`` by default)::
       train/   index.json, chunk-0-0.bin, chunk-0-1.bin ...   (one litdata dataset)
       test/    index.json, chunk-0-0.bin ...
 
-Each item is ``{"id": bytes, "label": int, "image": bytes}`` (the id's UTF-8: see
-:func:`store_item`). The image bytes are the file's own
+Each item is ``{"id": bytes, "label": int, "image": bytes}`` (the id's UTF-8, the image
+written as a litdata ``File``: see :func:`store_item`). The image bytes are the file's own
 when it is a JPEG or PNG that needs no conversion (mode L or RGB); anything else (other
 formats, palette, alpha, 16-bit) is converted to the canonical 1- or 3-channel image and
 stored as lossless PNG at its own size. Array sources (the digits, Fashion-MNIST) are
@@ -73,12 +73,14 @@ from imsvd.validation import new_staging, publish, staged_folder
 logger = logging.getLogger(__name__)
 
 # 2: the digests and means in files.csv are of each image at its own size (1: resized to
-# the common size), so a record of version 1 is not reused.
+# the common size), so a record of version 1 is not reused; items hold the id as bytes and
+# the image as a litdata File.
 STORE_VERSION = 2
-# litdata's chunk size. Its writer (0.2.76) holds five to six times a chunk while it builds
-# one (the items, then the chunk's Arrow rows copied three times): writing 3,000 items of
-# 80 kB peaked at +334 MiB with 64 MB chunks, +105 with 16 MB, +66 with 8 MB and +47 with
-# 4 MB, and validation writes two splits. 4 MB still reads each chunk in one sequential
+# litdata's chunk size. Its writer (0.2.76) held five to six times a chunk while it built
+# one of Arrow rows (the items, then the rows copied three times; since store version 2 the
+# items are Files, laid out without Arrow): writing 3,000 items of 80 kB peaked at +334 MiB
+# with 64 MB chunks, +105 with 16 MB, +66 with 8 MB and +47 with 4 MB, and validation
+# writes two splits. 4 MB still reads each chunk in one sequential
 # read, keeps a loader's few prefetched chunks small, and gives a streamed shuffle more,
 # smaller windows; 200,000 photos make about 4,000 chunk files.
 CHUNK_BYTES = "4MB"
@@ -350,7 +352,8 @@ class StoredImages(LazyImages):
     Row ``i`` is item ``position[i]`` of the store's ``split[i]`` folder, decoded and resized
     (Lanczos) to the validation's common size exactly as an in-memory folder is, so the
     pixels are the same either way. Each row's digest and mean come from validation's
-    record, and are of the image at its own size, as the manifest's. Each process opens its own litdata datasets (DataLoader workers, DDP ranks).
+    record, and are of the image at its own size, as the manifest's. Each process opens its
+    own litdata datasets (DataLoader workers, DDP ranks).
 
     Args:
         directory: the store (``data.store_dir``, or the staging folder while validating).
