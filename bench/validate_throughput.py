@@ -29,28 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import check_imports, export_project, import_paths  # noqa: E402
-from scale_bench import bar_rate, make_folder, measure_stage  # noqa: E402
+from scale_bench import bar_rate, make_folder, measure_stage, warm_decode_rate  # noqa: E402
 
 
 def sample_files(root: Path, sample: int) -> list[Path]:
     """``sample`` files spread over the folder: every k-th of the sorted list."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     return files[:: max(1, len(files) // sample)][:sample]
-
-
-def warm_decode_rate(files: list[Path]) -> float:
-    """Files per second one process fully decodes, the files read once before the clock."""
-    for path in files:
-        path.read_bytes()
-    start = time.perf_counter()
-    for path in files:
-        with Image.open(path) as img:
-            img.load()
-    return len(files) / (time.perf_counter() - start)
 
 
 def read_all(root: Path) -> int:
