@@ -439,10 +439,10 @@ def test_mixed_channels_and_unreadable_files_are_reported_together(make_image_fo
         load_image_folder(root, 10_000)
 
 
-def _frozen_objects(path: Path) -> int:
+def _frozen_objects(segment: int, start: int, stop: int) -> list[tuple[int, None]]:
     import gc
 
-    return gc.get_freeze_count()
+    return [(gc.get_freeze_count(), None)] * (stop - start)
 
 
 def test_decoding_workers_leave_the_parents_objects_to_the_collector_frozen(tmp_path):
@@ -454,9 +454,10 @@ def test_decoding_workers_leave_the_parents_objects_to_the_collector_frozen(tmp_
     from imsvd import decoding
 
     tables = [{"path": f"file-{i}"} for i in range(50_000)]  # like the parent's per-file records
-    paths = [tmp_path / f"{i}.png" for i in range(decoding.MIN_PARALLEL_FILES)]
+    files = decoding.MIN_PARALLEL_FILES
     assert gc.get_freeze_count() == 0
-    counts = [n for n, reason in decoding.map_files(_frozen_objects, paths, 10**8, workers=2)]
-    assert len(counts) == len(paths)
+    bounds = decoding.segments(files)
+    counts = [n for n, reason in decoding.map_segments(_frozen_objects, bounds, 10**8, workers=2)]
+    assert len(counts) == files
     assert min(counts) > len(tables)  # every worker saw at least the tables frozen
     assert gc.get_freeze_count() == 0

@@ -524,6 +524,48 @@ def test_validation_streams_a_folder_larger_than_its_memory_cap(tmp_path):
     assert index["kept_files"] == 160 and index["splits"]["test"]["images"] == 20
 
 
+def test_workers_writing_their_own_segments_keep_every_file_in_order_with_its_shard(tmp_path, in_process):
+    """Streamed by two workers, each writing the segments it takes as shards of its own,
+    every split holds its files in the manifest's order, each with its file's own bytes
+    and the shard the index names; one worker writes the same shards."""
+    from imsvd import decoding
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(3)
+    # Eleven segments, so that segment 10's shards would come before segment 2's in any
+    # order of the indexes but litdata's numeric one.
+    for i in range(10 * decoding.CHUNK + 10):
+        split, cls = ("test" if i % 5 == 0 else "train"), ("cat", "dog")[i % 2]
+        pixels = rng.integers(0, 256, tuple(int(v) for v in rng.integers(8, 24, 2)) + (3,), dtype=np.uint8)
+        write_image(root / split / cls / f"{i:03d}.{('png', 'jpg')[i % 3 == 0]}", pixels)
+    layouts = {}
+    for workers in (2, 1):
+        project = copy_project(tmp_path / f"project-{workers}")
+        params = {
+            "data": {"source": "image_folder", "path": str(root), "max_in_memory_mb": 0, "workers": workers}
+        }
+        in_process(project, "validate", params)
+        manifest = pd.read_csv(project / "data/03_primary/manifest.csv", dtype={"id": str})
+        shards = manifest["shard"].tolist()
+        store = project / "data/03_primary/image_store"
+        layouts[workers] = {}
+        for split in ("train", "test"):
+            rows = np.flatnonzero(manifest["split"].to_numpy() == split)
+            items = read_split(store / split)
+            chunks = json.loads((store / split / "index.json").read_text())["chunks"]
+            assert [item["id"] for item in items] == manifest["id"].iloc[rows].tolist()
+            for item, row in zip(items, rows, strict=True):
+                assert bytes(item["image"]) == (root / manifest["id"].iloc[row]).read_bytes()
+            in_chunks = [f"{split}/{c['filename']}" for c in chunks for _ in range(c["chunk_size"])]
+            assert [shards[row] for row in rows] == in_chunks
+            layouts[workers][split] = [(c["filename"], c["chunk_size"]) for c in chunks]
+        # Each segment wrote its own chunks (litdata names them after the writer's rank),
+        # and one segment wrote into both splits.
+        ranks = {split: {name.split("-")[1] for name, _ in chunks} for split, chunks in layouts[workers].items()}
+        assert ranks["train"] | ranks["test"] == {str(r) for r in range(11)} and ranks["train"] & ranks["test"]
+    assert layouts[1] == layouts[2]
+
+
 def test_a_bad_file_in_a_streamed_folder_is_named_and_the_previous_store_stays(tmp_path, in_process):
     root = mixed_folder(tmp_path / "photos", per_class=(6, 2))
     project = copy_project(tmp_path / "project")

@@ -15,6 +15,8 @@ Layout (``data/03_primary/image_store`` by default)::
                   rerun on a grown folder reuses instead of decoding
       train/   index.json, chunk-0-0.bin, chunk-0-1.bin ...   (one litdata dataset)
       test/    index.json, chunk-0-0.bin ...
+      (streamed: chunk-<segment>-<n>.bin, each segment of the folder's files written by
+      the worker that decoded it)
 
 Each item is ``{"id": bytes, "label": int, "image": bytes}`` (the id's UTF-8, the image
 written as a litdata ``File``: see :func:`store_item`). The image bytes are the file's own
@@ -26,16 +28,17 @@ chunks and the chunk of every image), which ``validate`` saves beside the manife
 
 Two ways in. Data that fits in memory (``data.max_in_memory_mb``) is validated as one
 array and written by :func:`write_image_store` once accepted. A folder larger than that is
-streamed (:func:`stream_into_store`): worker processes decode each file once, send back
-the bytes to store with the digest and mean of the image at its own size (nothing is
-resized: the digest is of what the store keeps), and the store is written
-into a staging folder as they come, which ``validate`` publishes once the suite passed.
+streamed (:func:`stream_into_store`): worker processes decode each file once and write
+its bytes into a staging store themselves, a segment of consecutive files each, sending
+back the digest and mean of the image at its own size (nothing is resized: the digest is
+of what the store keeps); ``validate`` publishes the staging store once the suite passed.
 Every later stage then reads it as :class:`StoredImages`, row by row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -570,13 +573,57 @@ def _write_table(path: Path, columns: dict[str, np.ndarray], rows: int = 20_000)
         )
 
 
+_RANK_VARIABLE = "DATA_OPTIMIZER_GLOBAL_RANK"
+
+
+@contextlib.contextmanager
+def _writer_rank(rank: int) -> Iterator[None]:
+    """Give the litdata writers made inside ``rank``: litdata names a writer's chunks and its
+    index after its rank (``chunk-<rank>-<n>.bin``, ``<rank>.index.json``), which it reads
+    from ``DATA_OPTIMIZER_GLOBAL_RANK``, the variable its own ``optimize()`` sets in each
+    of its workers; ``merge`` then joins the indexes in rank order."""
+    before = os.environ.get(_RANK_VARIABLE)
+    os.environ[_RANK_VARIABLE] = str(rank)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_RANK_VARIABLE]
+        else:
+            os.environ[_RANK_VARIABLE] = before
+
+
+def _segment_writer(directory: Path, segment: int, chunk_bytes: str) -> BinaryWriter:
+    """A litdata writer of ``segment``'s items in one split's folder."""
+    with _writer_rank(segment):
+        writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes)
+        assert writer.rank == segment  # read now, while the variable says so, and kept
+    return writer
+
+
+def _merge_segments(directory: Path, segments: int, chunk_bytes: str) -> None:
+    """Join the indexes the segments' writers left in ``directory`` into litdata's one
+    ``index.json``, in segment order (litdata's own merge, as after its ``optimize()``)."""
+    written = len(list(directory.glob("*.index.json")))
+    if written != segments:  # litdata's merge would wait for the missing ones for ever
+        raise DataError(f"{directory}: {written} segment indexes written, {segments} expected")
+    BinaryWriter(str(directory), chunk_bytes=chunk_bytes).merge(num_workers=segments)
+
+
 def stream_into_store(
     data: ImageData, target: Path, workers: int, chunk_bytes: str = CHUNK_BYTES
 ) -> ImageData:
     """Decode the files of ``data`` (:class:`PendingImages`) once each, in ``workers``
     processes, and write them as an image store in a staging folder beside ``target``.
 
-    Memory stays flat: each file's bytes go into litdata's writer as they come back.
+    The files are cut into consecutive segments (:func:`decoding.map_segments`); the worker
+    that takes a segment decodes its files and writes them into each split's folder as a
+    litdata writer of its own, whose rank is the segment's number, and sends back only each
+    file's digest, mean and hash. litdata's merge then joins the segments' indexes in rank
+    order, so every split holds its images in file order whichever worker wrote what, and
+    the same folder gives the same store. Memory stays flat: a worker holds one chunk a
+    split.
+
     Nothing replaces ``target`` here; :func:`publish_stream` does, once validation passed.
 
     Returns:
@@ -592,9 +639,36 @@ def stream_into_store(
     channels = pending.shape[3]
     n = len(pending)
     staging = new_staging(target)
-    try:
+    unchanged = last_record(target)
+    encode = functools.partial(encode_file, channels=channels, unchanged=unchanged)
+    paths, splits_of, ids, labels = pending.paths, data.splits, data.ids, data.labels
+
+    def write_segment(segment: int, start: int, stop: int) -> list[tuple[EncodedFile | None, str | None]]:
+        # Runs in a worker (forked: it sees this frame's tables without their being sent).
         writers: dict[str, BinaryWriter] = {}
+        items: dict[str, int] = {}  # each writer's items so far
+        results: list[tuple[EncodedFile | None, str | None]] = []
+        with quiet_chunk_estimates():
+            for i in range(start, stop):
+                try:
+                    encoded = encode(Path(paths[i]))
+                except DataError as exc:
+                    results.append((None, str(exc)))
+                    continue
+                split = str(splits_of[i])
+                if split not in writers:
+                    writers[split] = _segment_writer(staging / split, segment, chunk_bytes)
+                    items[split] = 0
+                writers[split][items[split]] = store_item(ids[i], labels[i], encoded.payload)
+                items[split] += 1
+                results.append((dataclasses.replace(encoded, payload=b""), None))
+            for writer in writers.values():
+                writer.done()
+        return results
+
+    try:
         counts = {TRAIN: 0, TEST: 0}
+        written: dict[str, set[int]] = {TRAIN: set(), TEST: set()}
         position = np.zeros(n, dtype=np.int64)
         # Fixed-width bytes, not str objects: 64 bytes a row instead of about 120.
         digests = np.zeros(n, dtype=DIGEST_DTYPE)
@@ -603,27 +677,21 @@ def stream_into_store(
         kept = np.zeros(n, dtype=bool)
         file_sha = np.zeros(n, dtype=DIGEST_DTYPE)
         failures: list[str] = []
-        unchanged = last_record(target)
-        encode = functools.partial(encode_file, channels=channels, unchanged=unchanged)
-        with bomb_limit(pending.max_image_pixels), quiet_chunk_estimates():
-            results = decoding.map_files(
-                encode,
-                pending.paths.tolist(),  # strings: a Path object per file costs hundreds of bytes
-                pending.max_image_pixels,
-                workers,
-                "decoding into the store",
+        bounds = decoding.segments(n)
+        segment_of = np.repeat(np.arange(len(bounds)), [stop - start for start, stop in bounds])
+        with bomb_limit(pending.max_image_pixels):
+            results = decoding.map_segments(
+                write_segment, bounds, pending.max_image_pixels, workers, "decoding into the store"
             )
             for i, (encoded, reason) in enumerate(results):
-                if reason is not None or failures:  # after a failure: decode on only to name every bad file
-                    if reason is not None:
-                        failures.append(f"{pending.paths[i]}: {reason}")
+                if reason is not None:
+                    failures.append(f"{paths[i]}: {reason}")
+                if encoded is None or failures:  # after a failure: only naming every bad file
                     continue
-                split = str(data.splits[i])
-                if split not in writers:
-                    writers[split] = BinaryWriter(str(staging / split), chunk_bytes=chunk_bytes)
-                position[i] = counts[split]
-                writers[split][counts[split]] = store_item(data.ids[i], data.labels[i], encoded.payload)
+                split = str(splits_of[i])
+                position[i] = counts[split]  # merged in segment order, each segment in file order
                 counts[split] += 1
+                written[split].add(int(segment_of[i]))
                 digests[i], means[i], file_sha[i] = encoded.digest, encoded.mean, encoded.file_sha256
                 kept[i] = encoded.kept
                 reused += encoded.reused
@@ -631,10 +699,10 @@ def stream_into_store(
             raise DataError(f"{len(failures)} unreadable image file(s): {_name_files(failures)}")
         shard_of = np.empty(n, dtype=object)
         splits: dict[str, Any] = {}
-        for split, writer in writers.items():
-            with quiet_chunk_estimates():
-                writer.done()
-            writer.merge()
+        for split in (TRAIN, TEST):
+            if not counts[split]:
+                continue
+            _merge_segments(staging / split, len(written[split]), chunk_bytes)
             shards, splits[split] = _split_summary(staging / split, counts[split])
             rows = np.flatnonzero(data.splits == split)
             shard_of[rows] = np.asarray(shards, dtype=object)[position[rows]]
