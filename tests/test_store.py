@@ -561,8 +561,12 @@ def test_workers_writing_their_own_segments_keep_every_file_in_order_with_its_sh
             layouts[workers][split] = [(c["filename"], c["chunk_size"]) for c in chunks]
         # Each segment wrote its own chunks (litdata names them after the writer's rank),
         # and one segment wrote into both splits.
-        ranks = {split: {name.split("-")[1] for name, _ in chunks} for split, chunks in layouts[workers].items()}
-        assert ranks["train"] | ranks["test"] == {str(r) for r in range(11)} and ranks["train"] & ranks["test"]
+        ranks = {
+            split: {name.split("-")[1] for name, _ in chunks} for split, chunks in layouts[workers].items()
+        }
+        assert (
+            ranks["train"] | ranks["test"] == {str(r) for r in range(11)} and ranks["train"] & ranks["test"]
+        )
     assert layouts[1] == layouts[2]
 
 
