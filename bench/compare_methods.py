@@ -133,14 +133,16 @@ def measure(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[dict[st
     Returns:
         The figures (wall ``seconds``; the peaks, in MiB, of the tree's summed ``pss``, shared
         pages counted once, of its anonymous part ``pss_anon`` (:func:`smaps_pss`), and of
-        the summed ``rss``, what ``top`` adds up; the most ``processes``), the exit status,
-        and the merged stdout and stderr.
+        the summed ``rss``, what ``top`` adds up; the most ``processes``; ``cpu_main``, the
+        CPU seconds of the command's own process, and ``cpu_children``, those of the
+        children it has waited for, as last sampled), the exit status, and the merged
+        stdout and stderr.
     """
     start = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    peak = {"pss": 0.0, "pss_anon": 0.0, "rss": 0.0, "processes": 0.0}
+    peak = {"pss": 0.0, "pss_anon": 0.0, "rss": 0.0, "processes": 0.0, "cpu_main": 0.0, "cpu_children": 0.0}
 
     def sample() -> None:
         parent = psutil.Process(process.pid)
@@ -149,6 +151,7 @@ def measure(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[dict[st
                 tree = [parent, *parent.children(recursive=True)]
                 both = [smaps_pss(p.pid) for p in tree]
                 rss = sum(p.memory_info().rss for p in tree) / 2**20
+                cpu = parent.cpu_times()
             except (psutil.Error, OSError):
                 pass
             else:
@@ -156,6 +159,8 @@ def measure(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[dict[st
                 peak["pss_anon"] = max(peak["pss_anon"], sum(a for _, a in both))
                 peak["rss"] = max(peak["rss"], rss)
                 peak["processes"] = max(peak["processes"], len(tree))
+                peak["cpu_main"] = cpu.user + cpu.system
+                peak["cpu_children"] = cpu.children_user + cpu.children_system
             time.sleep(0.2)
 
     watcher = threading.Thread(target=sample, daemon=True)

@@ -9,7 +9,10 @@ record is reused. The commits take turns (A B A B ...), so a drift of the machin
 falls on all of them. Per run it prints the wall time, files per second for the whole
 ``kedro run`` (Kedro's start, the header pass, the streaming, Great Expectations and the
 outputs), the rate of the streaming pass alone (its progress bar: each file read, hashed,
-decoded, digested and written into the store), and the peak PSS of the process tree.
+decoded, digested and written into the store), the peak PSS of the process tree, and the
+CPU seconds of the ``kedro`` process itself and of its children (the decoding workers).
+The main process's share bounds the rate at any number of cores: what it does for each
+file, one core has to do for all of them.
 
 The decode rate of the cores is one process fully decoding (``Image.load()``) a sample of
 the folder's files, times the cores, measured between the runs on files already read once:
@@ -90,16 +93,18 @@ def main() -> int:
                 print(
                     f"  {commit}: {result['seconds']:5.0f} s, {args.images / result['seconds']:5.0f} files/s "
                     f"for the run; streaming pass {shown}; cores' decode rate {rate:.0f}/s; "
-                    f"peak PSS {result['pss'] / 1024:.2f} GiB",
+                    f"peak PSS {result['pss'] / 1024:.2f} GiB; CPU s: main process "
+                    f"{result['cpu_main']:.1f}, its children {result['cpu_children']:.1f}",
                     flush=True,
                 )
                 shutil.rmtree(project, ignore_errors=True)  # its store is as large as the folder
 
     print(f"\n{args.images:,} files in {folder}, {cores} cores; {args.repeats} runs a commit, taking turns")
     print(
-        "| commit | wall s | files/s, whole run | files/s, streaming pass | cores' decode rate /s | pass / decode | peak PSS GiB |"
+        "| commit | wall s | files/s, whole run | files/s, streaming pass | cores' decode rate /s "
+        "| pass / decode | peak PSS GiB | CPU s, main process | CPU s, its children |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     # One decode rate for the machine: the mean of every measurement (each times 600 files
     # for well under a second, so one alone moves by a fifth).
     decode = statistics.mean(r[3] for r in rows)
@@ -110,7 +115,9 @@ def main() -> int:
         passed = statistics.mean(passes) if passes else float("nan")
         print(
             f"| {revision} | {wall:.0f} | {args.images / wall:.0f} | {passed:.0f} | {decode:.0f} | "
-            f"{passed / decode:.2f} | {max(r[1]['pss'] for r in mine) / 1024:.2f} |"
+            f"{passed / decode:.2f} | {max(r[1]['pss'] for r in mine) / 1024:.2f} | "
+            f"{statistics.mean(r[1]['cpu_main'] for r in mine):.1f} | "
+            f"{statistics.mean(r[1]['cpu_children'] for r in mine):.1f} |"
         )
     return 0
 
