@@ -13,8 +13,9 @@ are pickled. Where ``fork`` is not available the decoding runs in this process.
 A folder larger than ``data.max_in_memory_mb`` takes the other way, :func:`map_segments`:
 each worker takes consecutive files, a segment at a time, and writes them into the image
 store itself (:mod:`imsvd.store`), sending back only each file's digest and mean. Sending
-the bytes to one writing process instead capped the whole at that process's rate (0.3 ms
-of its CPU a file, so about 3,000 files/s however many cores decode).
+the bytes to one writing process instead capped the whole at that process's rate (0.38 ms
+of its CPU a file, measured by ``bench/validate_throughput.py``: about 2,600 files/s
+however many cores decode).
 
 Written here rather than with a dataset engine: the engine (litdata) stores and streams the
 images; what this module does is the validation's own decoding, which no engine does for
