@@ -1,0 +1,59 @@
+"""PSS of a command's process tree over time, as CSV: where in a run the memory goes.
+
+    python bench/pss_timeline.py --out timeline.csv -- python -m kedro run --pipeline=validate
+
+Samples every ``--every`` seconds, from outside, the PSS (shared pages counted once,
+:func:`compare_methods.smaps_pss`) of the command's own process and of its whole tree, and
+writes ``seconds, kedro_process_pss_mib, tree_pss_mib, processes`` rows as it goes. The
+command's output goes to ``--log``. Prints the peak at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_methods import smaps_pss  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    parser.add_argument("--log", type=Path, default=Path("pss_timeline.log"), help="the command's output")
+    parser.add_argument("--every", type=float, default=0.2, help="seconds between samples")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (put it after --)")
+    peak = 0.0
+    with args.log.open("w") as log, args.out.open("w") as out:
+        out.write("seconds,kedro_process_pss_mib,tree_pss_mib,processes\n")
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        parent = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                pss = [smaps_pss(p.pid)[0] for p in tree]
+            except (psutil.Error, OSError):
+                pass
+            else:
+                peak = max(peak, sum(pss))
+                out.write(f"{time.perf_counter() - start:.1f},{pss[0]:.0f},{sum(pss):.0f},{len(tree)}\n")
+                out.flush()
+            time.sleep(args.every)
+    print(f"exit status {process.returncode}; peak PSS of the tree {peak:.0f} MiB; samples in {args.out}")
+    return process.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
