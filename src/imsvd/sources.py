@@ -556,12 +556,20 @@ def decode_image(path: Path) -> tuple[np.ndarray, OriginalImage]:
         return to_canonical_array(img), original
 
 
-def _decode_checked(path: Path, channels: int) -> np.ndarray:
-    """One file decoded, checked against its header's channels."""
-    array, _ = decode_image(path)
+def check_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """``array`` when it has the ``channels`` its file's header promised.
+
+    Raises:
+        DataError: when it has not.
+    """
     if array.shape[2] != channels:  # pragma: no cover - the header's mode fixes the channels
         raise DataError(f"decoded to {array.shape[2]} channels, its header said {channels}")
     return array
+
+
+def _decode_checked(path: Path, channels: int) -> np.ndarray:
+    """One file decoded, checked against its header's channels."""
+    return check_channels(decode_image(path)[0], channels)
 
 
 def _decode_resized(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:

@@ -67,6 +67,7 @@ from imsvd.sources import (
     PendingImages,
     _name_files,
     bomb_limit,
+    check_channels,
     decode_image,
     resize_array,
     to_canonical_array,
@@ -549,9 +550,7 @@ def encode_file(path: Path, channels: int, unchanged: Unchanged | None = None) -
     with pillow_errors(), Image.open(io.BytesIO(raw)) as img:
         kept = img.format in KEPT_FORMATS and img.mode in KEPT_MODES
         img.load()
-        array = to_canonical_array(img)
-    if array.shape[2] != channels:  # pragma: no cover - the header's mode fixes the channels
-        raise DataError(f"decoded to {array.shape[2]} channels, its header said {channels}")
+        array = check_channels(to_canonical_array(img), channels)
     payload = raw if kept else png_bytes(array)
     return EncodedFile(payload, kept, pixel_sha256(array), pixel_mean(array), file_sha)
 
