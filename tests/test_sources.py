@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import write_image
 from imsvd.config import DataConfig
+from imsvd.data import MEAN_BLOCK, pixel_mean
 from imsvd.errors import DataError
 from imsvd.sources import (
     FASHION_MNIST_CLASSES,
@@ -25,6 +26,24 @@ from imsvd.sources import (
 )
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+# --- pixel statistics ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(7, 5, 1), (288, 288, 3), (MEAN_BLOCK // 2, 1, 3)],  # the last: 1.5 blocks, 25 MB
+    ids=["small", "photo", "over-a-block"],
+)
+def test_pixel_mean_is_numpys_float64_mean_exactly(shape):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    assert pixel_mean(image) == image.mean(dtype=np.float64)
+    # All 255: one uint32 sum over more than MEAN_BLOCK bytes would wrap round.
+    white = np.full(shape, 255, dtype=np.uint8)
+    assert pixel_mean(white) == 255.0
+    assert np.isnan(pixel_mean(np.zeros((0, 4, 3), dtype=np.uint8)))
 
 
 # --- digits -------------------------------------------------------------------------

@@ -36,11 +36,27 @@ def pixel_sha256(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+#: Bytes :func:`pixel_mean` sums at a time in uint32: ``255 * 2**24 < 2**32``, so no block's sum
+#: can overflow, whatever the image's size.
+MEAN_BLOCK = 1 << 24
+
+
 def pixel_mean(image: np.ndarray) -> float:
-    """Mean pixel value of a uint8 image: exactly ``image.mean(dtype=np.float64)``, in half
-    the time. The integer sum is exact; so is NumPy's float64 sum of fewer than 2**45 bytes
-    (every partial sum is an integer below 2**53), and both are divided by the same count."""
-    return int(image.sum(dtype=np.uint64)) / image.size if image.size else float("nan")
+    """Mean pixel value of a uint8 image: exactly ``image.mean(dtype=np.float64)``, in a sixth
+    of the time (validation takes it of every file it streams).
+
+    The sum is exact: each block of :data:`MEAN_BLOCK` bytes in uint32 (NumPy widens uint8 to
+    uint32 three times as fast as to uint64: 44 against 132 us for 288x288 RGB), the blocks in
+    Python ints. So is NumPy's float64 sum of fewer than 2**45 bytes (every partial sum is an
+    integer below 2**53); both are divided by the same count, correctly rounded."""
+    if not image.size:
+        return float("nan")
+    flat = image.reshape(-1)
+    total = sum(
+        int(flat[start : start + MEAN_BLOCK].sum(dtype=np.uint32))
+        for start in range(0, flat.size, MEAN_BLOCK)
+    )
+    return total / image.size
 
 
 class LazyImages(abc.ABC):
