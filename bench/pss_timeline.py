@@ -4,8 +4,10 @@
 
 Samples every ``--every`` seconds, from outside, the PSS (shared pages counted once,
 :func:`compare_methods.smaps_pss`) of the command's own process and of its whole tree, and
-writes ``seconds, kedro_process_pss_mib, tree_pss_mib, processes`` rows as it goes. The
-command's output goes to ``--log``. Prints the peak at the end.
+writes ``seconds, kedro_process_pss_mib, tree_pss_mib, processes, children_private_mib``
+rows as it goes. The last is the sum of the child processes' private pages (``Private_Clean``
+and ``Private_Dirty``): what they hold of their own, the pages they copied from the forking
+parent included. The command's output goes to ``--log``. Prints the peak at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import smaps_pss  # noqa: E402
 
 
+def private_mib(pid: int) -> float:
+    """The private pages of process ``pid``, in MiB (``/proc/<pid>/smaps_rollup``)."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, rest = line.partition(":")
+            if key in ("Private_Clean", "Private_Dirty"):
+                total += int(rest.split()[0])
+    return total / 1024
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -36,7 +49,7 @@ def main() -> int:
         parser.error("no command given (put it after --)")
     peak = 0.0
     with args.log.open("w") as log, args.out.open("w") as out:
-        out.write("seconds,kedro_process_pss_mib,tree_pss_mib,processes\n")
+        out.write("seconds,kedro_process_pss_mib,tree_pss_mib,processes,children_private_mib\n")
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         parent = psutil.Process(process.pid)
@@ -44,11 +57,14 @@ def main() -> int:
             try:
                 tree = [parent, *parent.children(recursive=True)]
                 pss = [smaps_pss(p.pid)[0] for p in tree]
+                private = sum(private_mib(p.pid) for p in tree[1:])
             except (psutil.Error, OSError):
                 pass
             else:
                 peak = max(peak, sum(pss))
-                out.write(f"{time.perf_counter() - start:.1f},{pss[0]:.0f},{sum(pss):.0f},{len(tree)}\n")
+                out.write(
+                    f"{time.perf_counter() - start:.1f},{pss[0]:.0f},{sum(pss):.0f},{len(tree)},{private:.0f}\n"
+                )
                 out.flush()
             time.sleep(args.every)
     print(f"exit status {process.returncode}; peak PSS of the tree {peak:.0f} MiB; samples in {args.out}")

@@ -627,12 +627,31 @@ class PendingImages(LazyImages):
     ``validate`` streams them into the image store (:func:`imsvd.store.stream_into_store`),
     decoding each file once, after the subsets (``data.max_train``, ``data.holdout``) have
     been drawn, so dropped files are never decoded. Reading rows decodes the files.
+
+    The files are named by the folder and their ids (paths relative to it), the array the
+    image set holds anyway: a second array of whole paths cost 212 bytes a file at 200,000
+    (NumPy's fixed-width strings, each as wide as the longest path), for nothing.
+
+    Args:
+        root: the folder (``data.path``), as listed.
+        ids: each file's path relative to ``root``.
     """
 
-    def __init__(self, paths: np.ndarray, shape: tuple[int, int, int, int], max_image_pixels: int) -> None:
-        self.paths = np.asarray(paths, dtype=str)
-        self._shape = (len(self.paths), *shape[1:])
+    def __init__(
+        self, root: Path, ids: np.ndarray, shape: tuple[int, int, int, int], max_image_pixels: int
+    ) -> None:
+        self.root = Path(root)
+        self.ids = np.asarray(ids, dtype=str)
+        self._shape = (len(self.ids), *shape[1:])
         self.max_image_pixels = max_image_pixels
+
+    def path(self, row: int) -> Path:
+        """The file of ``row``, as :func:`list_image_files` listed it."""
+        return self.root / self.ids[row]
+
+    def paths(self, start: int, stop: int) -> np.ndarray:
+        """The files of rows ``start:stop``, as strings."""
+        return np.asarray([str(self.root / i) for i in self.ids[start:stop]], dtype=str)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -641,11 +660,11 @@ class PendingImages(LazyImages):
     def read(self, rows: np.ndarray) -> np.ndarray:
         _, height, width, channels = self.shape
         with bomb_limit(self.max_image_pixels):
-            decoded = [_decode_resized(Path(self.paths[i]), (height, width), channels) for i in rows]
+            decoded = [_decode_resized(self.path(i), (height, width), channels) for i in rows]
         return np.stack(decoded) if decoded else np.zeros((0, height, width, channels), np.uint8)
 
     def take(self, index: Any) -> PendingImages:
-        return PendingImages(self.paths[self.positions(index)], self.shape, self.max_image_pixels)
+        return PendingImages(self.root, self.ids[self.positions(index)], self.shape, self.max_image_pixels)
 
     def _unwritten(self) -> DataError:
         return DataError("the images are not in the image store yet (imsvd.store.stream_into_store)")
@@ -730,12 +749,10 @@ def load_image_folder(
                 decoded_mb,
                 max_in_memory_mb,
             )
-            pending = PendingImages(
-                np.asarray([str(f.path) for f, _, _ in readable]),
-                (len(readable), size[0], size[1], channels),
-                max_image_pixels,
-            )
-            return SourceImages(_folder_data(files, pending), tuple(o for _, o, _ in readable))
+            # Every file is readable here (failures raised above): the ids are the files'.
+            ids = _ids(files)
+            pending = PendingImages(root, ids, (len(readable), size[0], size[1], channels), max_image_pixels)
+            return SourceImages(_folder_data(files, pending, ids), tuple(o for _, o, _ in readable))
         images, reasons, described = decoding.decode_into(
             [f.path for f, _, _ in readable],
             (size[0], size[1], channels),
@@ -753,8 +770,15 @@ def load_image_folder(
     return SourceImages(_folder_data(files, images), tuple(originals))
 
 
-def _folder_data(files: Sequence[ImageFile], images: np.ndarray | LazyImages) -> ImageData:
-    """The image set of a folder's ``files`` (all readable, in order) with these pixels."""
+def _ids(files: Sequence[ImageFile]) -> np.ndarray:
+    return np.asarray([f.image_id for f in files])
+
+
+def _folder_data(
+    files: Sequence[ImageFile], images: np.ndarray | LazyImages, ids: np.ndarray | None = None
+) -> ImageData:
+    """The image set of a folder's ``files`` (all readable, in order) with these pixels
+    (and these ``ids``, when already made: :func:`_ids`)."""
     class_names = sorted({f.class_name for f in files if f.class_name is not None and f.split == TRAIN})
     if not class_names:
         class_names = sorted({f.class_name for f in files if f.class_name is not None})
@@ -764,6 +788,6 @@ def _folder_data(files: Sequence[ImageFile], images: np.ndarray | LazyImages) ->
         images=images,
         labels=np.asarray(labels, dtype=np.int64),
         splits=np.asarray([f.split for f in files]),
-        ids=np.asarray([f.image_id for f in files]),
+        ids=_ids(files) if ids is None else ids,
         class_names=tuple(class_names),
     )

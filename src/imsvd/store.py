@@ -47,7 +47,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -555,18 +555,23 @@ def encode_file(path: Path, channels: int, unchanged: Unchanged | None = None) -
     return EncodedFile(payload, kept, pixel_sha256(array), pixel_mean(array), file_sha)
 
 
-def _write_table(path: Path, columns: dict[str, np.ndarray], rows: int = 20_000) -> None:
-    """``columns`` as a CSV, ``rows`` rows at a time: a DataFrame of every row turns each
-    string of each column into a Python object at once (about 40 MB at 200,000 files).
-    Byte strings (the digests) are written as their ASCII text."""
-    count = len(next(iter(columns.values())))
+def _write_table(
+    path: Path,
+    columns: dict[str, np.ndarray | Callable[[int, int], np.ndarray]],
+    count: int,
+    rows: int = 20_000,
+) -> None:
+    """``columns`` (``count`` rows) as a CSV, ``rows`` rows at a time: a DataFrame of every
+    row turns each string of each column into a Python object at once (about 40 MB at
+    200,000 files). A column is an array, or a function of ``(start, stop)`` that makes those
+    rows. Byte strings (the digests) are written as their ASCII text."""
+
+    def part_of(values: np.ndarray | Callable[[int, int], np.ndarray], start: int) -> np.ndarray:
+        values = values(start, start + rows) if callable(values) else values[start : start + rows]
+        return np.char.decode(values, "ascii") if values.dtype.kind == "S" else values
+
     for start in range(0, max(count, 1), rows):
-        part = {
-            name: np.char.decode(values[start : start + rows], "ascii")
-            if values.dtype.kind == "S"
-            else values[start : start + rows]
-            for name, values in columns.items()
-        }
+        part = {name: part_of(values, start) for name, values in columns.items()}
         pd.DataFrame(part, columns=list(columns)).to_csv(
             path, mode="a" if start else "w", header=not start, index=False
         )
@@ -641,7 +646,7 @@ def stream_into_store(
     n = len(pending)
     unchanged = last_record(target)
     encode = functools.partial(encode_file, channels=channels, unchanged=unchanged)
-    paths, splits_of, ids, labels = pending.paths, data.splits, data.ids, data.labels
+    splits_of, ids, labels = data.splits, data.ids, data.labels
     staging = new_staging(target)
 
     def write_segment(segment: int, start: int, stop: int) -> list[tuple[EncodedFile | None, str | None]]:
@@ -652,7 +657,7 @@ def stream_into_store(
         with quiet_chunk_estimates():
             for i in range(start, stop):
                 try:
-                    encoded = encode(Path(paths[i]))
+                    encoded = encode(pending.path(i))
                 except DataError as exc:
                     results.append((None, str(exc)))
                     continue
@@ -686,7 +691,7 @@ def stream_into_store(
             )
             for i, (encoded, reason) in enumerate(results):
                 if reason is not None:
-                    failures.append(f"{paths[i]}: {reason}")
+                    failures.append(f"{pending.path(i)}: {reason}")
                 if encoded is None or failures:  # after a failure: only naming every bad file
                     continue
                 split = str(splits_of[i])
@@ -709,8 +714,8 @@ def stream_into_store(
             shard_of[rows] = np.asarray(shards, dtype=object)[position[rows]]
         stored = StoredImages(staging, data.splits, position, pending.shape, digests, means)
         result = ImageData(stored, data.labels, data.splits, data.ids, data.class_names)
-        record = {
-            "path": pending.paths,
+        record: dict[str, np.ndarray | Callable[[int, int], np.ndarray]] = {
+            "path": pending.paths,  # made 20,000 rows at a time by _write_table
             "file_sha256": file_sha,
             "sha256": digests,
             "mean_intensity": means,
@@ -718,7 +723,7 @@ def stream_into_store(
             "split": data.splits,
             "position": position,
         }
-        _write_table(staging / FILES, {name: record[name] for name in FILE_COLUMNS})
+        _write_table(staging / FILES, {name: record[name] for name in FILE_COLUMNS}, n)
         _write_stamp(staging, result, pending.shape)
         stored.index = _store_index(
             target,
