@@ -4,10 +4,12 @@
 
 Samples every ``--every`` seconds, from outside, the PSS (shared pages counted once,
 :func:`compare_methods.smaps_pss`) of the command's own process and of its whole tree, and
-writes ``seconds, kedro_process_pss_mib, tree_pss_mib, processes, children_private_mib``
-rows as it goes. The last is the sum of the child processes' private pages (``Private_Clean``
-and ``Private_Dirty``): what they hold of their own, the pages they copied from the forking
-parent included. The command's output goes to ``--log``. Prints the peak at the end.
+writes ``seconds, kedro_process_pss_mib, tree_pss_mib, processes, children_private_mib,
+tree_anon_pss_mib`` rows as it goes. The fifth is the sum of the child processes' private
+pages (``Private_Clean`` and ``Private_Dirty``): what they hold of their own, the pages they
+copied from the forking parent included; the last, the anonymous part of the tree's PSS, is what file pages (the
+libraries, which the kernel drops and reads again as the page cache needs) do not move.
+The command's output goes to ``--log``. Prints the peak at the end.
 """
 
 from __future__ import annotations
@@ -47,27 +49,33 @@ def main() -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (put it after --)")
-    peak = 0.0
+    peak = peak_anon = 0.0
     with args.log.open("w") as log, args.out.open("w") as out:
-        out.write("seconds,kedro_process_pss_mib,tree_pss_mib,processes,children_private_mib\n")
+        out.write(
+            "seconds,kedro_process_pss_mib,tree_pss_mib,processes,children_private_mib,tree_anon_pss_mib\n"
+        )
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         parent = psutil.Process(process.pid)
         while process.poll() is None:
             try:
                 tree = [parent, *parent.children(recursive=True)]
-                pss = [smaps_pss(p.pid)[0] for p in tree]
+                both = [smaps_pss(p.pid) for p in tree]
+                pss, anon = [b[0] for b in both], [b[1] for b in both]
                 private = sum(private_mib(p.pid) for p in tree[1:])
             except (psutil.Error, OSError):
                 pass
             else:
-                peak = max(peak, sum(pss))
+                peak, peak_anon = max(peak, sum(pss)), max(peak_anon, sum(anon))
                 out.write(
-                    f"{time.perf_counter() - start:.1f},{pss[0]:.0f},{sum(pss):.0f},{len(tree)},{private:.0f}\n"
+                    f"{time.perf_counter() - start:.1f},{pss[0]:.0f},{sum(pss):.0f},{len(tree)},{private:.0f},{sum(anon):.0f}\n"
                 )
                 out.flush()
             time.sleep(args.every)
-    print(f"exit status {process.returncode}; peak PSS of the tree {peak:.0f} MiB; samples in {args.out}")
+    print(
+        f"exit status {process.returncode}; peak PSS of the tree {peak:.0f} MiB, anonymous {peak_anon:.0f} MiB; "
+        f"samples in {args.out}"
+    )
     return process.returncode
 
 

@@ -40,7 +40,7 @@ def load_and_check(
     validate_config = parse(ValidateConfig, validate_params, "validate")
     source = load_source(data_config)
     data, originals = source.data, source.originals
-    del source  # the files' paths are not needed past the store (4 bytes a character: 41 MB for 200,000)
+    del source  # only its two parts are needed
     if isinstance(data.images, PendingImages):  # larger than data.max_in_memory_mb: into the store as read
         data = stream_into_store(data, Path(data_config.store_dir), data_config.workers or cpu_count())
     manifest, report = check_images(data, originals, validate_config)

@@ -100,17 +100,96 @@ class OriginalImage:
     mean: float = float("nan")
 
 
+@dataclass(frozen=True, eq=False)
+class Originals:
+    """Every image's :class:`OriginalImage`, as columns: indexing gives one, :meth:`take` a
+    subset.
+
+    Columns, not an object a file: the objects of a folder's files, made while its headers
+    were read, outlived everything else made then, so the memory of all the rest stayed
+    held with them (885 bytes a file after listing 20,000 files, with paths; 648 without)
+    and the forked decoding workers copied those pages as they wrote into their free space.
+
+    Attributes:
+        heights, widths: (N,) int64.
+        modes: (N,) str, Pillow's mode of each file.
+        digests: (N,) str, :func:`imsvd.data.pixel_sha256` of each image at its own size,
+            ``""`` where not decoded yet.
+        means: (N,) float64, each image's mean (``nan`` where not decoded yet).
+    """
+
+    heights: np.ndarray
+    widths: np.ndarray
+    modes: np.ndarray
+    digests: np.ndarray
+    means: np.ndarray
+
+    @classmethod
+    def of(cls, items: Iterable[OriginalImage]) -> Originals:
+        """The columns of ``items``."""
+        items = list(items)
+        return cls(
+            np.asarray([o.height for o in items], dtype=np.int64),
+            np.asarray([o.width for o in items], dtype=np.int64),
+            np.asarray([o.mode for o in items], dtype=str),
+            np.asarray([o.sha256 for o in items], dtype=str),
+            np.asarray([o.mean for o in items], dtype=np.float64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.heights)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Originals):
+            return NotImplemented
+        return all(
+            np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+            for a, b in (
+                (self.heights, other.heights),
+                (self.widths, other.widths),
+                (self.modes, other.modes),
+                (self.digests, other.digests),
+                (self.means, other.means),
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays: not hashable
+
+    def __getitem__(self, row: int) -> OriginalImage:
+        return OriginalImage(
+            int(self.heights[row]),
+            int(self.widths[row]),
+            str(self.modes[row]),
+            str(self.digests[row]),
+            float(self.means[row]),
+        )
+
+    def __iter__(self) -> Iterator[OriginalImage]:
+        return (self[row] for row in range(len(self)))
+
+    def take(self, index: np.ndarray) -> Originals:
+        """The rows ``index`` (positions or a boolean mask), in that order."""
+        return Originals(
+            self.heights[index], self.widths[index], self.modes[index], self.digests[index], self.means[index]
+        )
+
+    @property
+    def decoded(self) -> bool:
+        """Whether every image was decoded, with its digest and mean (and there are images)."""
+        return bool(len(self)) and bool((self.digests != "").all())
+
+
 @dataclass(frozen=True)
 class SourceImages:
     """A source read into canonical form, with each image's original description.
 
     Attributes:
         data: the canonical image set.
-        originals: one :class:`OriginalImage` per image, in ``data`` order.
+        originals: each image's :class:`OriginalImage`, in ``data`` order.
     """
 
     data: ImageData
-    originals: tuple[OriginalImage, ...]
+    originals: Originals
 
 
 def load_source(config: DataConfig) -> SourceImages:
@@ -170,7 +249,7 @@ def validation_holdout(source: SourceImages, share: float, seed: int) -> SourceI
         len(index) - count,
         count,
     )
-    return SourceImages(subset, tuple(source.originals[i] for i in index))
+    return SourceImages(subset, source.originals.take(index))
 
 
 def subsample(source: SourceImages, max_train: int | None, max_test: int | None, seed: int) -> SourceImages:
@@ -191,18 +270,23 @@ def subsample(source: SourceImages, max_train: int | None, max_test: int | None,
     subset = ImageData(
         take(data.images, keep), data.labels[keep], data.splits[keep], data.ids[keep], data.class_names
     )
-    return SourceImages(subset, tuple(o for o, k in zip(source.originals, keep, strict=True) if k))
+    return SourceImages(subset, source.originals.take(keep))
 
 
-def canonical_originals(data: ImageData) -> tuple[OriginalImage, ...]:
+def canonical_originals(data: ImageData) -> Originals:
     """Originals of a source that is already canonical (every image as stored).
 
     Args:
         data: images of shape (N, H, W, C) with C in {1, 3}.
     """
-    _, height, width, channels = data.images.shape
-    mode = "L" if channels == 1 else "RGB"
-    return tuple(OriginalImage(height, width, mode) for _ in range(len(data.images)))
+    count, height, width, channels = data.images.shape
+    return Originals(
+        np.full(count, height, dtype=np.int64),
+        np.full(count, width, dtype=np.int64),
+        np.full(count, "L" if channels == 1 else "RGB"),
+        np.full(count, ""),
+        np.full(count, np.nan),
+    )
 
 
 # --- digits -------------------------------------------------------------------------
@@ -752,7 +836,7 @@ def load_image_folder(
             # Every file is readable here (failures raised above): the ids are the files'.
             ids = _ids(files)
             pending = PendingImages(root, ids, (len(readable), size[0], size[1], channels), max_image_pixels)
-            return SourceImages(_folder_data(files, pending, ids), tuple(o for _, o, _ in readable))
+            return SourceImages(_folder_data(files, pending, ids), Originals.of(o for _, o, _ in readable))
         images, reasons, described = decoding.decode_into(
             [f.path for f, _, _ in readable],
             (size[0], size[1], channels),
@@ -767,7 +851,7 @@ def load_image_folder(
         OriginalImage(o.height, o.width, o.mode, digest, mean)
         for (_, o, _), (digest, mean) in zip(readable, described, strict=True)
     ]
-    return SourceImages(_folder_data(files, images), tuple(originals))
+    return SourceImages(_folder_data(files, images), Originals.of(originals))
 
 
 def _ids(files: Sequence[ImageFile]) -> np.ndarray:

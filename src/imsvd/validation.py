@@ -33,7 +33,7 @@ from imsvd.config import ValidateConfig
 from imsvd.data import TEST, TRAIN, UNLABELLED, ImageData, LazyImages, row_digests
 from imsvd.errors import DataError
 from imsvd.io import json_default
-from imsvd.sources import OriginalImage, canonical_originals
+from imsvd.sources import OriginalImage, Originals, canonical_originals
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ MANIFEST_COLUMNS = (
 _SITE = "local_site"
 
 
-def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = None) -> pd.DataFrame:
+def build_manifest(
+    data: ImageData, originals: Originals | Sequence[OriginalImage] | None = None
+) -> pd.DataFrame:
     """One row per image: id, split, label, height, width, channels, mode, sha256, mean_intensity.
 
     Args:
@@ -67,14 +69,16 @@ def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = 
     Raises:
         DataError: when ``originals`` does not have one entry per image.
     """
-    originals = canonical_originals(data) if originals is None else tuple(originals)
+    if originals is None:
+        originals = canonical_originals(data)
+    elif not isinstance(originals, Originals):
+        originals = Originals.of(originals)
     if len(originals) != len(data.images):
         raise DataError(f"{len(originals)} original descriptions for {len(data.images)} images")
     images = data.images
-    digests: Sequence[str]
-    if originals and all(o.sha256 for o in originals):  # decoded at their own size
-        digests = [o.sha256 for o in originals]
-        means = np.asarray([o.mean for o in originals], dtype=np.float64)
+    digests: Sequence[str] | np.ndarray
+    if originals.decoded:  # decoded at their own size
+        digests, means = originals.digests, originals.means
     elif isinstance(images, LazyImages):  # the store's record: its pixels are not read again
         digests, means = images.row_digests(), images.row_means()
     else:
@@ -85,10 +89,10 @@ def build_manifest(data: ImageData, originals: Sequence[OriginalImage] | None = 
             "id": data.ids.astype(str),
             "split": data.splits.astype(str),
             "label": data.labels.astype(np.int64),
-            "height": np.asarray([o.height for o in originals], dtype=np.int64),
-            "width": np.asarray([o.width for o in originals], dtype=np.int64),
+            "height": originals.heights,
+            "width": originals.widths,
             "channels": np.full(len(images), images.shape[3], dtype=np.int64),
-            "mode": [o.mode for o in originals],
+            "mode": originals.modes,
             "sha256": digests,
             "mean_intensity": means,
         },
@@ -418,7 +422,7 @@ def validate_manifest(
 
 
 def check_images(
-    data: ImageData, originals: Sequence[OriginalImage] | None, config: ValidateConfig
+    data: ImageData, originals: Originals | Sequence[OriginalImage] | None, config: ValidateConfig
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Build the manifest of ``data`` and validate it.
 
