@@ -86,9 +86,9 @@ def build_manifest(
         means = images.reshape(len(images), -1).mean(axis=1, dtype=np.float64)
     return pd.DataFrame(
         {
-            "id": data.ids.astype(str),
-            "split": data.splits.astype(str),
-            "label": data.labels.astype(np.int64),
+            "id": np.asarray(data.ids, dtype=str),  # asarray: no copy of what has the type
+            "split": np.asarray(data.splits, dtype=str),
+            "label": np.asarray(data.labels, dtype=np.int64),
             "height": originals.heights,
             "width": originals.widths,
             "channels": np.full(len(images), images.shape[3], dtype=np.int64),
