@@ -25,7 +25,7 @@ from imsvd.config import AugmentConfig, DataConfig
 from imsvd.data import ImageData, pixel_sha256
 from imsvd.errors import DataError
 from imsvd.sources import load_source, to_canonical_array
-from imsvd.store import decode_stored, read_split, split_directory, write_image_store
+from imsvd.store import Unchanged, decode_stored, path_key, read_split, split_directory, write_image_store
 
 
 def noise_images(n: int, side: int = 8, channels: int = 1, seed: int = 0) -> ImageData:
@@ -596,6 +596,28 @@ def test_a_bad_file_in_a_streamed_folder_is_named_and_the_previous_store_stays(t
         in_process(project, "validate", params)
     after = {p.relative_to(primary): p.read_bytes() for p in primary.rglob("*") if p.is_file()}
     assert after == before and not list(primary.glob(".image_store.*"))
+
+
+def test_a_record_is_reused_only_for_the_same_bytes_among_paths_that_share_a_key(tmp_path):
+    # Two records under one path key (as two paths whose keys collide would be): the one
+    # with the file's SHA-256 is reused, and none when neither has it.
+    path = tmp_path / "a.png"
+    key = path_key(str(path))
+    record = Unchanged(
+        tmp_path,
+        keys=np.array([key, key], dtype=np.uint64),
+        file_sha256=np.array([b"1" * 64, b"2" * 64], dtype="S64"),
+        digests=np.array([b"d" * 64, b"e" * 64], dtype="S64"),
+        means=np.array([1.0, 2.0]),
+        kept=np.array([True, True]),
+        splits=np.array(["train", "train"]),
+        positions=np.array([0, 1]),
+    )
+    second = record.reuse(path, b"raw", "2" * 64)
+    assert second is not None and second.reused
+    assert (second.digest, second.mean, second.payload) == ("e" * 64, 2.0, b"raw")
+    assert record.reuse(path, b"raw", "3" * 64) is None
+    assert record.reuse(tmp_path / "b.png", b"raw", "1" * 64) is None  # another path, another key
 
 
 def test_a_rerun_on_a_grown_folder_decodes_only_the_new_and_changed_files(tmp_path, in_process, caplog):
