@@ -40,7 +40,7 @@ def load_and_check(
     validate_config = parse(ValidateConfig, validate_params, "validate")
     source = load_source(data_config)
     data, originals = source.data, source.originals
-    del source  # only its two parts are needed
+    del source  # so the pending images are freed once data is the store's
     if isinstance(data.images, PendingImages):  # larger than data.max_in_memory_mb: into the store as read
         data = stream_into_store(data, Path(data_config.store_dir), data_config.workers or cpu_count())
     manifest, report = check_images(data, originals, validate_config)
